@@ -1,0 +1,358 @@
+"""Configuration: YAML sections plus C{DGP_*} environment into one frozen object.
+
+The file has four optional sections (C{admission}, C{access}, C{storage},
+C{advanced}) shaped like the Rust proxy's. Environment variables beat the
+file. Every error names the key and the file, so an operator can fix it
+without reading code. The result is immutable: a reload builds a new one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import yaml
+
+DEFAULT_LISTEN = "127.0.0.1:9000"
+CONFIG_SEARCH = ("./dgproxy.yaml", "/etc/dgproxy/dgproxy.yaml")
+
+DEFAULT_DELTA_EXTENSIONS = (
+    ".zip", ".tar", ".jar", ".war", ".ear", ".dmg", ".iso", ".sql", ".dump",
+    ".bak", ".backup", ".img", ".qcow2", ".vmdk", ".bin",
+)
+
+
+class ConfigError(Exception):
+    """A configuration problem, naming the key and where it came from."""
+
+    def __init__(self, key: str, source: str, message: str):
+        super().__init__(f"{source}: {key}: {message}")
+        self.key = key
+        self.source = source
+        self.message = message
+
+
+@dataclass(frozen=True)
+class BucketPolicy:
+    """Per-bucket settings from C{storage.buckets.<name>}."""
+
+    compression: bool = True
+    max_delta_ratio: Optional[float] = None
+    backend: Optional[str] = None
+    alias: Optional[str] = None
+    public_prefixes: tuple[str, ...] = ()
+    quota_bytes: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the service is built from; see SPEC §1."""
+
+    source: str = "<defaults>"
+    listen_addr: str = DEFAULT_LISTEN
+    data_dir: str = "./data"
+    access_key_id: Optional[str] = None
+    secret_access_key: Optional[str] = None
+    authentication: Optional[str] = None
+    iam_mode: str = "gui"
+    buckets: Mapping[str, BucketPolicy] = field(default_factory=dict)
+    log_level: str = "info"
+    log_format: str = "text"
+    clock_skew_seconds: int = 300
+    max_delta_ratio: float = 0.75
+    max_delta_object_size: int = 4 * 1024**3
+    max_object_size: int = 5 * 1024**3
+    delta_extensions: tuple[str, ...] = DEFAULT_DELTA_EXTENSIONS
+    cache_mb: int = 100
+    codec_concurrency: int = max(4 * (os.cpu_count() or 1), 4)
+    max_multipart_uploads: int = 1000
+    multipart_idle_ttl_hours: int = 24
+    audit_ring_size: int = 500
+    rate_limit_max_attempts: int = 100
+    rate_limit_window_secs: int = 300
+    rate_limit_lockout_secs: int = 600
+    trust_proxy_headers: bool = False
+    session_ttl_hours: int = 4
+    config_sync_bucket: Optional[str] = None
+    bootstrap_password_hash: Optional[str] = None
+    encryption_key: Optional[str] = None
+    s3_endpoint: Optional[str] = None
+    s3_region: str = "us-east-1"
+    backend_access_key_id: Optional[str] = None
+    backend_secret_access_key: Optional[str] = None
+    spool_dir: Optional[str] = None
+    drain_timeout_secs: int = 30
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def open_access(self) -> bool:
+        return (self.authentication or "").strip().lower() == "none"
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        return parse_listen_addr(self.listen_addr, "listen_addr", self.source)
+
+    def bucket_policy(self, name: str) -> BucketPolicy:
+        return self.buckets.get(name, BucketPolicy())
+
+
+def parse_listen_addr(value: str, key: str, source: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not (0 <= int(port) <= 65535):
+        raise ConfigError(key, source, f"expected HOST:PORT, got {value!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+# --- schema -------------------------------------------------------------------
+
+_SECTIONS = {"admission", "access", "storage", "advanced", "defaults"}
+_ACCESS_KEYS = {"iam_mode", "authentication", "access_key_id", "secret_access_key",
+                "iam_users", "iam_groups", "auth_providers", "group_mapping_rules"}
+_STORAGE_KEYS = {"backend", "filesystem", "backends", "default_backend", "buckets",
+                 "s3", "region", "force_path_style", "access_key_id",
+                 "secret_access_key", "backend_encryption", "replication", "lifecycle"}
+_BUCKET_KEYS = {"compression", "max_delta_ratio", "backend", "alias", "public_prefixes",
+                "public", "quota_bytes", "replication_target_only"}
+# advanced key -> (Config field, converter)
+_ADVANCED = {
+    "listen_addr": ("listen_addr", str),
+    "max_delta_ratio": ("max_delta_ratio", float),
+    "max_object_size": ("max_object_size", int),
+    "max_delta_object_size": ("max_delta_object_size", int),
+    "cache_size_mb": ("cache_mb", int),
+    "codec_concurrency": ("codec_concurrency", int),
+    "log_level": ("log_level", str),
+    "log_format": ("log_format", str),
+    "clock_skew_seconds": ("clock_skew_seconds", int),
+    "config_sync_bucket": ("config_sync_bucket", str),
+    "bootstrap_password_hash": ("bootstrap_password_hash", str),
+    "delta_extensions": ("delta_extensions", None),
+    "spool_dir": ("spool_dir", str),
+    "max_multipart_uploads": ("max_multipart_uploads", int),
+    "drain_timeout_secs": ("drain_timeout_secs", int),
+}
+_IGNORED_ADVANCED = {"metadata_cache_mb", "blocking_threads", "tls", "event_delivery",
+                     "config_sync_object_key", "max_passthrough_object_size"}
+
+# env var -> (Config field, converter)
+_ENV = {
+    "DGP_LISTEN_ADDR": ("listen_addr", str),
+    "DGP_DATA_DIR": ("data_dir", str),
+    "DGP_ACCESS_KEY_ID": ("access_key_id", str),
+    "DGP_SECRET_ACCESS_KEY": ("secret_access_key", str),
+    "DGP_AUTHENTICATION": ("authentication", str),
+    "DGP_BOOTSTRAP_PASSWORD_HASH": ("bootstrap_password_hash", str),
+    "DGP_CLOCK_SKEW_SECONDS": ("clock_skew_seconds", int),
+    "DGP_CACHE_MB": ("cache_mb", int),
+    "DGP_CODEC_CONCURRENCY": ("codec_concurrency", int),
+    "DGP_MAX_MULTIPART_UPLOADS": ("max_multipart_uploads", int),
+    "DGP_MULTIPART_IDLE_TTL_HOURS": ("multipart_idle_ttl_hours", int),
+    "DGP_AUDIT_RING_SIZE": ("audit_ring_size", int),
+    "DGP_RATE_LIMIT_MAX_ATTEMPTS": ("rate_limit_max_attempts", int),
+    "DGP_RATE_LIMIT_WINDOW_SECS": ("rate_limit_window_secs", int),
+    "DGP_RATE_LIMIT_LOCKOUT_SECS": ("rate_limit_lockout_secs", int),
+    "DGP_TRUST_PROXY_HEADERS": ("trust_proxy_headers", "bool"),
+    "DGP_SESSION_TTL_HOURS": ("session_ttl_hours", int),
+    "DGP_CONFIG_SYNC_BUCKET": ("config_sync_bucket", str),
+    "DGP_ENCRYPTION_KEY": ("encryption_key", str),
+    "DGP_MAX_DELTA_RATIO": ("max_delta_ratio", float),
+    "DGP_MAX_OBJECT_SIZE": ("max_object_size", int),
+    "DGP_LOG_LEVEL": ("log_level", str),
+    "DGP_LOG_FORMAT": ("log_format", str),
+    "DGP_S3_ENDPOINT": ("s3_endpoint", str),
+    "DGP_S3_REGION": ("s3_region", str),
+    "DGP_BE_AWS_ACCESS_KEY_ID": ("backend_access_key_id", str),
+    "DGP_BE_AWS_SECRET_ACCESS_KEY": ("backend_secret_access_key", str),
+    "DGP_SPOOL_DIR": ("spool_dir", str),
+    "DGP_DRAIN_TIMEOUT_SECS": ("drain_timeout_secs", int),
+}
+
+_ENV_REF = re.compile(r"\$\$|\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+
+
+def expand_env(text: str, env: Mapping[str, str], source: str) -> str:
+    """Expand C{${env:NAME}} and C{${env:NAME:-default}}; C{$$} is a literal C{$}."""
+
+    def sub(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, default = m.group(1), m.group(2)
+        value = env.get(name, default)
+        if value is None:
+            raise ConfigError(f"${{env:{name}}}", source, "environment variable is not set")
+        if any(ord(c) < 32 for c in value):
+            raise ConfigError(f"${{env:{name}}}", source, "value contains control characters")
+        return value
+
+    return _ENV_REF.sub(sub, text)
+
+
+def _convert(value: Any, conv: Any, key: str, source: str) -> Any:
+    try:
+        if conv == "bool":
+            if isinstance(value, bool):
+                return value
+            v = str(value).strip().lower()
+            if v in ("true", "1", "yes", "on"):
+                return True
+            if v in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(value)
+        if conv is int and isinstance(value, bool):
+            raise ValueError(value)
+        if conv is int and isinstance(value, str):
+            return int(value.strip())
+        return conv(value)
+    except (TypeError, ValueError):
+        raise ConfigError(key, source, f"invalid value {value!r}") from None
+
+
+def _mapping(value: Any, key: str, source: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(key, source, "expected a mapping")
+    return value
+
+
+def _check_keys(section: Mapping[str, Any], allowed: set[str], prefix: str, source: str) -> None:
+    for k in section:
+        if k not in allowed:
+            raise ConfigError(f"{prefix}{k}", source, "unknown key")
+
+
+def _parse_bucket(name: str, spec: Any, source: str) -> BucketPolicy:
+    prefix = f"storage.buckets.{name}."
+    spec = _mapping(spec, prefix.rstrip("."), source)
+    _check_keys(spec, _BUCKET_KEYS, prefix, source)
+    if not _BUCKET_NAME.match(str(name)):
+        raise ConfigError(prefix.rstrip("."), source, "not a valid S3 bucket name")
+    ratio = spec.get("max_delta_ratio")
+    if ratio is not None:
+        ratio = _convert(ratio, float, prefix + "max_delta_ratio", source)
+        if not 0.0 <= ratio <= 1.0:
+            raise ConfigError(prefix + "max_delta_ratio", source, "must be between 0.0 and 1.0")
+    publics = spec.get("public_prefixes") or []
+    if not isinstance(publics, list):
+        raise ConfigError(prefix + "public_prefixes", source, "expected a list")
+    for p in publics:
+        if not isinstance(p, str) or (p and not p.endswith("/")) or ".." in p or "\0" in p or "//" in p:
+            raise ConfigError(prefix + "public_prefixes", source,
+                              f"{p!r}: each prefix must end with '/' and contain no '..', NUL or '//'")
+    if spec.get("public"):
+        if publics:
+            raise ConfigError(prefix + "public", source, "cannot be combined with public_prefixes")
+        publics = [""]
+    quota = spec.get("quota_bytes")
+    return BucketPolicy(
+        compression=_convert(spec.get("compression", True), "bool", prefix + "compression", source),
+        max_delta_ratio=ratio,
+        backend=spec.get("backend"),
+        alias=spec.get("alias"),
+        public_prefixes=tuple(publics),
+        quota_bytes=None if quota is None else _convert(quota, int, prefix + "quota_bytes", source),
+    )
+
+
+def from_mapping(doc: Mapping[str, Any], source: str, env: Mapping[str, str]) -> Config:
+    """Build a L{Config} from a parsed YAML document and an environment."""
+    doc = _mapping(doc, "<document>", source)
+    _check_keys(doc, _SECTIONS, "", source)
+    values: dict[str, Any] = {"source": source, "raw": doc}
+
+    access = _mapping(doc.get("access"), "access", source)
+    _check_keys(access, _ACCESS_KEYS, "access.", source)
+    for k in ("access_key_id", "secret_access_key", "authentication"):
+        if access.get(k) is not None:
+            values[k] = str(access[k])
+    mode = str(access.get("iam_mode", "gui"))
+    if mode not in ("gui", "declarative"):
+        raise ConfigError("access.iam_mode", source, "must be 'gui' or 'declarative'")
+    values["iam_mode"] = mode
+
+    storage = _mapping(doc.get("storage"), "storage", source)
+    _check_keys(storage, _STORAGE_KEYS, "storage.", source)
+    if storage.get("filesystem") is not None:
+        if storage.get("backend") is not None:
+            raise ConfigError("storage.filesystem", source, "set only one of backend / filesystem / s3")
+        values["data_dir"] = str(storage["filesystem"])
+    backend = storage.get("backend")
+    if backend is not None:
+        backend = _mapping(backend, "storage.backend", source)
+        if backend.get("type", "filesystem") == "filesystem" and backend.get("path"):
+            values["data_dir"] = str(backend["path"])
+    buckets = _mapping(storage.get("buckets"), "storage.buckets", source)
+    values["buckets"] = {str(n): _parse_bucket(str(n), s, source) for n, s in buckets.items()}
+
+    advanced = _mapping(doc.get("advanced"), "advanced", source)
+    _check_keys(advanced, set(_ADVANCED) | _IGNORED_ADVANCED, "advanced.", source)
+    for key, (fname, conv) in _ADVANCED.items():
+        if key not in advanced or advanced[key] is None:
+            continue
+        if key == "delta_extensions":
+            exts = advanced[key]
+            if not isinstance(exts, list) or not all(isinstance(e, str) and e for e in exts):
+                raise ConfigError("advanced.delta_extensions", source, "expected a list of extensions")
+            values[fname] = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in exts)
+        else:
+            values[fname] = _convert(advanced[key], conv, "advanced." + key, source)
+
+    for var, (fname, conv) in _ENV.items():
+        if env.get(var) not in (None, ""):
+            values[fname] = _convert(env[var], conv, var, "environment")
+    return _validated(Config(**values))
+
+
+def _validated(cfg: Config) -> Config:
+    cfg.listen_host_port  # raises on a bad address
+    if cfg.log_format not in ("text", "json"):
+        raise ConfigError("log_format", cfg.source, "must be 'text' or 'json'")
+    if cfg.authentication is not None and not cfg.open_access:
+        raise ConfigError("access.authentication", cfg.source,
+                          f"unrecognised value {cfg.authentication!r}; only 'none' is accepted")
+    if bool(cfg.access_key_id) != bool(cfg.secret_access_key):
+        raise ConfigError("access.access_key_id", cfg.source,
+                          "set both access_key_id and secret_access_key, or neither")
+    if not 0.0 <= cfg.max_delta_ratio <= 1.0:
+        raise ConfigError("max_delta_ratio", cfg.source, "must be between 0.0 and 1.0")
+    for name, value in (("clock_skew_seconds", cfg.clock_skew_seconds),
+                        ("codec_concurrency", cfg.codec_concurrency),
+                        ("cache_mb", cfg.cache_mb)):
+        if value < 1:
+            raise ConfigError(name, cfg.source, "must be at least 1")
+    return cfg
+
+
+def find_config_file(explicit: Optional[str], env: Mapping[str, str]) -> Optional[str]:
+    """SPEC §1 lookup: --config, $DGP_CONFIG, ./dgproxy.yaml, /etc/dgproxy/dgproxy.yaml."""
+    if explicit:
+        return explicit
+    if env.get("DGP_CONFIG"):
+        return env["DGP_CONFIG"]
+    for candidate in CONFIG_SEARCH:
+        if os.path.exists(candidate):
+            return candidate
+    return None
+
+
+def load(path: Optional[str] = None, env: Optional[Mapping[str, str]] = None) -> Config:
+    """Load the config file (if any) and apply the environment on top."""
+    env = os.environ if env is None else env
+    path = find_config_file(path, env)
+    if path is None:
+        return from_mapping({}, "<defaults>", env)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError("<file>", path, f"cannot read: {e.strerror}") from None
+    text = expand_env(text, env, path)
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError("<document>", path, f"does not parse: {e}") from None
+    return from_mapping(doc or {}, path, env)

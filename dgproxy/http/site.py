@@ -1,0 +1,96 @@
+"""The one listening Site: S3 on C{/}, the admin tree under C{/_/}."""
+
+from __future__ import annotations
+
+import time
+from io import BytesIO
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web import resource, server
+from zope.interface import Interface
+
+from dgproxy.http.request import StreamingChannel, StreamingRequest
+from dgproxy.streams import read_all
+
+log = Logger(namespace="dgproxy.access")
+
+ADMIN_PREFIX = b"/_/"
+ADMIN_BODY_LIMIT = 1024 * 1024
+
+
+class IRequestHandler(Interface):
+    """Handles one S3 request from end-of-headers to the response."""
+
+    def handle(request):
+        """Return a Deferred that fires when the response has been sent."""
+
+
+class DGSite(server.Site):
+    """Routes each request to the S3 handler or the admin resource tree."""
+
+    requestFactory = StreamingRequest
+    protocol = StreamingChannel
+
+    def __init__(self, s3_handler, admin_root: resource.Resource, **kwargs):
+        super().__init__(admin_root, **kwargs)
+        self.s3_handler = s3_handler
+        self.draining = False
+        self.inflight: set = set()
+
+    def dispatch(self, request: StreamingRequest) -> None:
+        if request._disconnected:
+            return
+        if request.raw_path.startswith(ADMIN_PREFIX) or request.raw_path == b"/_":
+            d = defer.ensureDeferred(self._render_admin(request))
+        else:
+            d = defer.maybeDeferred(self.s3_handler.handle, request)
+        self.inflight.add(d)
+        d.addErrback(self._crashed, request)
+        d.addBoth(lambda r: (self.inflight.discard(d), r)[1])
+
+    async def _render_admin(self, request: StreamingRequest) -> None:
+        request.accept_body()
+        try:
+            data = await read_all(request.body, ADMIN_BODY_LIMIT)
+        except ValueError:
+            await request.send(413, [("content-type", "application/json")],
+                               b'{"error":"body_too_large"}')
+            return
+        request.content = BytesIO(data)
+        request.prepath = []
+        request.postpath = [p for p in request.path[1:].split(b"/")]
+        request.render(self.getResourceFor(request))
+
+    def _crashed(self, failure, request: StreamingRequest) -> None:
+        log.failure("Unhandled error in request {request_id}", failure,
+                    request_id=request.request_id)
+        if not request.startedWriting and not request._disconnected:
+            request.setResponseCode(500)
+            request.setHeader(b"content-type", b"application/xml")
+            request.setHeader(b"connection", b"close")
+            if request.channel is not None:
+                request.channel.persistent = False
+            request.write(b"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>InternalError"
+                          b"</Code><Message>We encountered an internal error. Please try again."
+                          b"</Message><RequestId>" + request.request_id.encode() +
+                          b"</RequestId></Error>")
+            request.finish()
+
+    def log(self, request: StreamingRequest) -> None:
+        """One access-log line per request."""
+        duration = time.monotonic() - getattr(request, "started", time.monotonic())
+        log.info(
+            "{method} {bucket} {status} {bytes_in}/{bytes_out} {duration_ms}ms "
+            "{principal} {request_id} {operation}",
+            method=request.method.decode("latin-1"),
+            bucket=getattr(request, "bucket", "-"),
+            status=request.code,
+            bytes_in=getattr(request, "bytes_received", 0),
+            bytes_out=getattr(request, "bytes_sent", 0),
+            duration_ms=int(duration * 1000),
+            principal=getattr(request, "principal", "-"),
+            request_id=getattr(request, "request_id", "-"),
+            operation=getattr(request, "operation", "-"),
+            client=getattr(request, "client_ip", lambda: "-")(),
+        )

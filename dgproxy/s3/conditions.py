@@ -1,0 +1,98 @@
+"""HTTP conditionals and byte ranges, as S3 applies them."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+from typing import Callable, Optional
+
+from dgproxy.s3 import errors
+
+_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$")
+
+
+class NotModified(Exception):
+    """The client's cached copy is current (304)."""
+
+
+def parse_range(header: Optional[str], size: int) -> Optional[tuple[int, int]]:
+    """(first, last) byte of a single C{Range}, None for a whole-object read.
+
+    A header S3 would not understand (multiple ranges, bad syntax) is
+    ignored, as RFC 9110 says; an unsatisfiable one raises InvalidRange."""
+    if not header:
+        return None
+    m = _RANGE.match(header)
+    if not m:
+        return None
+    first, last = m.groups()
+    if not first and not last:
+        return None
+    if not first:
+        suffix = int(last)
+        if suffix == 0:
+            raise errors.InvalidRange(ActualObjectSize=str(size))
+        if size == 0:
+            raise errors.InvalidRange(ActualObjectSize=str(size))
+        return max(0, size - suffix), size - 1
+    start = int(first)
+    end = int(last) if last else size - 1
+    if last and end < start:
+        return None
+    if start >= size:
+        raise errors.InvalidRange(ActualObjectSize=str(size))
+    return start, min(end, size - 1)
+
+
+def _http_date(value: Optional[str]) -> Optional[datetime]:
+    if not value:
+        return None
+    try:
+        parsed = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return parsed if parsed.tzinfo else None
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    tags = [t.strip() for t in header.split(",")]
+    bare = etag.strip('"')
+    return any(t == "*" or t.strip('"') == bare for t in tags)
+
+
+def check_read(header: Callable[[str], Optional[str]], etag: str,
+               modified: datetime, prefix: str = "") -> None:
+    """GET/HEAD conditionals (RFC 9110 §13.2.2 order), or copy-source ones with
+    C{prefix="x-amz-copy-source-"} (where a failed not-modified test is 412)."""
+    modified = modified.replace(microsecond=0)
+    if_match = header(prefix + "if-match")
+    if if_match is not None:
+        if not _etag_matches(if_match, etag):
+            raise errors.PreconditionFailed(Condition="If-Match")
+    else:
+        since = _http_date(header(prefix + "if-unmodified-since"))
+        if since is not None and modified > since:
+            raise errors.PreconditionFailed(Condition="If-Unmodified-Since")
+    if_none = header(prefix + "if-none-match")
+    if if_none is not None:
+        if _etag_matches(if_none, etag):
+            if prefix:
+                raise errors.PreconditionFailed(Condition="If-None-Match")
+            raise NotModified()
+    else:
+        since = _http_date(header(prefix + "if-modified-since"))
+        if since is not None and modified <= since:
+            if prefix:
+                raise errors.PreconditionFailed(Condition="If-Modified-Since")
+            raise NotModified()
+
+
+def check_write(header: Callable[[str], Optional[str]], current_etag: Optional[str]) -> None:
+    """Conditional PUT: C{If-None-Match: *} and C{If-Match: <etag>}."""
+    if_none = header("if-none-match")
+    if if_none is not None and current_etag is not None and _etag_matches(if_none, current_etag):
+        raise errors.PreconditionFailed(Condition="If-None-Match")
+    if_match = header("if-match")
+    if if_match is not None and (current_etag is None or not _etag_matches(if_match, current_etag)):
+        raise errors.PreconditionFailed(Condition="If-Match")

@@ -1,0 +1,139 @@
+"""The S3 front door: address, authenticate, route, answer.
+
+Every S3 request passes through L{S3Front.handle}. It is the one place that
+turns exceptions into S3 XML errors, so operations only raise.
+"""
+
+from __future__ import annotations
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from dgproxy.auth.authenticator import Authenticator, AuthFailure
+from dgproxy.auth.sigv4 import SignedRequest
+from dgproxy.http.site import IRequestHandler
+from dgproxy.s3 import errors
+from dgproxy.s3.call import Response, S3Call, parse_query
+from dgproxy.s3.names import parse_target
+from dgproxy.s3.operations import Operations
+from dgproxy.storage.interface import StorageError
+from dgproxy.streams import ClientDisconnected
+
+log = Logger(namespace="dgproxy.s3")
+
+# Sub-resources S3 knows and dgproxy does not serve: answered 501 by name.
+UNSUPPORTED = {
+    "tagging": "Tagging", "policy": "BucketPolicy", "cors": "BucketCors",
+    "lifecycle": "BucketLifecycle", "website": "BucketWebsite", "replication": "BucketReplication",
+    "notification": "BucketNotification", "logging": "BucketLogging", "encryption": "BucketEncryption",
+    "object-lock": "ObjectLock", "retention": "ObjectRetention", "legal-hold": "ObjectLegalHold",
+    "versions": "ListObjectVersions", "torrent": "GetObjectTorrent", "restore": "RestoreObject",
+    "select": "SelectObjectContent", "accelerate": "BucketAccelerate", "analytics": "BucketAnalytics",
+    "inventory": "BucketInventory", "metrics": "BucketMetrics", "requestPayment": "BucketRequestPayment",
+    "ownershipControls": "BucketOwnershipControls", "publicAccessBlock": "PublicAccessBlock",
+    "intelligent-tiering": "BucketIntelligentTiering", "attributes": "GetObjectAttributes",
+    "uploads": "MultipartUpload", "uploadId": "MultipartUpload", "partNumber": "MultipartUpload",
+}
+
+
+def not_implemented(operation: str) -> errors.S3Error:
+    return errors.S3Error("NotImplemented", 501,
+                          f"dgproxy does not implement the {operation} operation.")
+
+
+@implementer(IRequestHandler)
+class S3Front:
+    def __init__(self, authenticator: Authenticator, operations: Operations,
+                 virtual_host_domains=("localhost",)):
+        self.authenticator = authenticator
+        self.ops = operations
+        self.virtual_host_domains = tuple(virtual_host_domains)
+
+    async def handle(self, request) -> None:
+        resource = request.raw_path.decode("latin-1")
+        try:
+            target = parse_target(request.raw_path, request.header("host"),
+                                  self.virtual_host_domains)
+            request.bucket = target.bucket or "-"
+            signed = SignedRequest(
+                method=request.method.decode("latin-1").upper(),
+                raw_path=request.raw_path, raw_query=request.raw_query,
+                headers=request.header_map())
+            principal, auth = self.authenticator.authenticate(signed)
+            request.principal = principal.name
+            call = S3Call(request, target, parse_query(request.raw_query), auth)
+            operation = self.route(call)
+            request.operation = operation.__name__
+            response = await operation(call)
+        except AuthFailure as failure:
+            log.info("Authentication failed ({reason}) for {ip} {request_id}",
+                     reason=failure.reason, ip=request.client_ip(),
+                     request_id=request.request_id)
+            response = self.error_response(failure.error, resource, request.request_id)
+        except errors.S3Error as e:
+            response = self.error_response(e, resource, request.request_id)
+        except ClientDisconnected:
+            log.info("Client disconnected mid-request {request_id}", request_id=request.request_id)
+            return
+        except StorageError as e:
+            log.error("Storage error on {request_id}: {error}", request_id=request.request_id,
+                      error=str(e))
+            response = self.error_response(errors.InternalError(), resource, request.request_id)
+        except Exception:
+            log.failure("Internal error on {request_id}", request_id=request.request_id)
+            response = self.error_response(errors.InternalError(), resource, request.request_id)
+        await request.send(response.status, response.headers, response.body, response.length)
+
+    @staticmethod
+    def error_response(error: errors.S3Error, resource: str, request_id: str) -> Response:
+        return Response(error.status, [("Content-Type", "application/xml")],
+                        errors.render_error(error, resource, request_id))
+
+    def route(self, call: S3Call):
+        """The operation for a method, a target and the sub-resources present."""
+        method, target, q = call.method, call.target, call.query
+        ops = self.ops
+        for param, name in UNSUPPORTED.items():
+            if param in q:
+                raise not_implemented(name)
+        if target.bucket is None:
+            if method == "GET":
+                return ops.list_buckets
+            if method == "HEAD":
+                return _head_root
+            raise errors.MethodNotAllowed()
+        if target.key is None:
+            if "acl" in q:
+                if method == "GET":
+                    return ops.get_acl
+                raise not_implemented("PutBucketAcl")
+            if "location" in q and method == "GET":
+                return ops.get_bucket_location
+            if "versioning" in q:
+                if method == "GET":
+                    return ops.get_bucket_versioning
+                raise not_implemented("PutBucketVersioning")
+            if "delete" in q and method == "POST":
+                return ops.delete_objects
+            table = {"GET": ops.list_objects, "PUT": ops.create_bucket,
+                     "HEAD": ops.head_bucket, "DELETE": ops.delete_bucket}
+            if method in table:
+                return table[method]
+            if method == "POST":
+                raise not_implemented("PostObject")
+            raise errors.MethodNotAllowed()
+        if "acl" in q:
+            if method == "GET":
+                return ops.get_acl
+            raise not_implemented("PutObjectAcl")
+        if method == "PUT":
+            return ops.copy_object if call.header("x-amz-copy-source") else ops.put_object
+        table = {"GET": ops.get_object, "HEAD": ops.head_object, "DELETE": ops.delete_object}
+        if method in table:
+            return table[method]
+        raise errors.MethodNotAllowed()
+
+
+async def _head_root(call: S3Call) -> Response:
+    """Some clients (Cyberduck) probe C{HEAD /}."""
+    return Response(200)

@@ -1,0 +1,101 @@
+"""S3 XML documents: rendering responses and parsing client bodies safely."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Iterable, Optional
+from urllib.parse import quote
+from xml.sax.saxutils import escape
+
+from defusedxml import ElementTree as SafeET
+
+from dgproxy.s3 import errors
+
+S3_NS = "http://s3.amazonaws.com/doc/2006-03-01/"
+XML_HEAD = '<?xml version="1.0" encoding="UTF-8"?>\n'
+MAX_XML_BODY = 2 * 1024 * 1024
+OWNER = "<Owner><ID>dgproxy</ID><DisplayName>dgproxy</DisplayName></Owner>"
+
+
+def iso8601(when: datetime) -> str:
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + \
+        f"{when.microsecond // 1000:03d}Z"
+
+
+def el(name: str, value) -> str:
+    return f"<{name}>{escape(str(value))}</{name}>"
+
+
+def document(root: str, body: str) -> bytes:
+    return (f'{XML_HEAD}<{root} xmlns="{S3_NS}">{body}</{root}>').encode("utf-8")
+
+
+def encode_name(value: str, url: bool) -> str:
+    return quote(value, safe="/") if url else value
+
+
+def list_buckets(buckets: Iterable[tuple[str, datetime]]) -> bytes:
+    items = "".join(
+        f"<Bucket>{el('Name', n)}{el('CreationDate', iso8601(c))}</Bucket>" for n, c in buckets)
+    return document("ListAllMyBucketsResult", f"{OWNER}<Buckets>{items}</Buckets>")
+
+
+def contents(key: str, last_modified: datetime, etag: str, size: int, url: bool) -> str:
+    return ("<Contents>" + el("Key", encode_name(key, url)) +
+            el("LastModified", iso8601(last_modified)) + el("ETag", etag) +
+            el("Size", size) + "<StorageClass>STANDARD</StorageClass></Contents>")
+
+
+def common_prefixes(prefixes: Iterable[str], url: bool) -> str:
+    return "".join(f"<CommonPrefixes>{el('Prefix', encode_name(p, url))}</CommonPrefixes>"
+                   for p in prefixes)
+
+
+def parse(body: bytes):
+    """Parse a client XML body; anything malformed or hostile is MalformedXML."""
+    if not body.strip():
+        raise errors.MalformedXML()
+    try:
+        return SafeET.fromstring(body)
+    except Exception:
+        raise errors.MalformedXML() from None
+
+
+def local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def child_text(node, name: str) -> Optional[str]:
+    for c in node:
+        if local(c.tag) == name:
+            return c.text or ""
+    return None
+
+
+def parse_delete(body: bytes) -> tuple[bool, list[str]]:
+    """A DeleteObjects body: (quiet, keys); at most 1000 keys."""
+    root = parse(body)
+    if local(root.tag) != "Delete":
+        raise errors.MalformedXML()
+    quiet = (child_text(root, "Quiet") or "").strip().lower() == "true"
+    keys = []
+    for obj in root:
+        if local(obj.tag) != "Object":
+            continue
+        key = child_text(obj, "Key")
+        if key is None:
+            raise errors.MalformedXML()
+        keys.append(key)
+    if not keys or len(keys) > 1000:
+        raise errors.MalformedXML()
+    return quiet, keys
+
+
+def parse_create_bucket(body: bytes) -> Optional[str]:
+    """The LocationConstraint of a CreateBucketConfiguration, if any."""
+    if not body.strip():
+        return None
+    root = parse(body)
+    if local(root.tag) != "CreateBucketConfiguration":
+        raise errors.MalformedXML()
+    return child_text(root, "LocationConstraint")

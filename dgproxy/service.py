@@ -1,0 +1,121 @@
+"""Builds every part of a running dgproxy once and wires them together.
+
+This is the only module that constructs the parts; everything else gets
+what it needs passed in.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from twisted.application import internet, service
+from twisted.internet import defer, reactor, task
+from twisted.logger import Logger
+
+from dgproxy import __version__
+from dgproxy.admin.tree import build_admin_root
+from dgproxy.auth.authenticator import Authenticator
+from dgproxy.config import Config, ConfigError, load
+from dgproxy.engine.store import ObjectStore
+from dgproxy.http.site import DGSite
+from dgproxy.s3.front import S3Front
+from dgproxy.s3.operations import Operations
+from dgproxy.storage.filesystem import FilesystemBackend, XattrUnsupported
+
+log = Logger(namespace="dgproxy")
+
+CACHE_WARNING = ("[cache] In-memory reference cache is only {mb} MB — "
+                 "recommend ≥1024 MB for production")
+NO_AUTH_MESSAGE = (
+    "FATAL: No authentication configured. dgproxy refuses to start without S3 "
+    "credentials: set DGP_ACCESS_KEY_ID + DGP_SECRET_ACCESS_KEY (or access.access_key_id / "
+    "access.secret_access_key), or DGP_AUTHENTICATION=none for explicit open access.")
+
+
+class Fatal(Exception):
+    """A start-up problem the operator must fix; printed as one line."""
+
+
+class DrainingService(service.MultiService):
+    """Stops listening first, then waits (bounded) for in-flight requests."""
+
+    def __init__(self, site: DGSite, drain_timeout: int):
+        super().__init__()
+        self.site = site
+        self.drain_timeout = drain_timeout
+
+    async def _drain(self) -> None:
+        self.site.draining = True
+        pending = list(self.site.inflight)
+        if not pending:
+            return
+        log.info("Draining {n} in-flight request(s) (up to {t}s)", n=len(pending),
+                 t=self.drain_timeout)
+        done = defer.DeferredList(pending, consumeErrors=True)
+        timeout = task.deferLater(reactor, self.drain_timeout, lambda: None)
+        await defer.DeferredList([done, timeout], fireOnOneCallback=True, consumeErrors=True)
+        if not timeout.called:
+            timeout.cancel()
+
+    def stopService(self):
+        d = defer.maybeDeferred(super().stopService)
+        d.addCallback(lambda _: defer.ensureDeferred(self._drain()))
+        return d
+
+
+def build(config: Config) -> DrainingService:
+    """Check the configuration and the environment, then build the service."""
+    if not config.open_access and not config.access_key_id:
+        raise Fatal(NO_AUTH_MESSAGE)
+    backend = FilesystemBackend(config.data_dir)
+    try:
+        swept = backend.prepare()
+    except XattrUnsupported as e:
+        raise Fatal(str(e)) from None
+    except OSError as e:
+        raise Fatal(f"Cannot use data directory {config.data_dir}: {e.strerror}") from None
+    for name in config.buckets:
+        try:
+            os.makedirs(os.path.join(backend.root, name, "deltaspaces"), exist_ok=True)
+        except OSError as e:
+            raise Fatal(f"Cannot create declared bucket {name!r}: {e.strerror}") from None
+
+    store = ObjectStore(backend, config.max_object_size)
+    authenticator = Authenticator(config.access_key_id, config.secret_access_key,
+                                  config.open_access, config.clock_skew_seconds)
+    front = S3Front(authenticator, Operations(store, config.max_object_size))
+    admin = build_admin_root(lambda: (200, {"status": "ok", "version": __version__}),
+                             lambda: (200, {"status": "ready"}))
+    site = DGSite(front, admin)
+    site.displayTracebacks = False
+
+    host, port = config.listen_host_port
+    top = DrainingService(site, config.drain_timeout_secs)
+    internet.TCPServer(port, site, interface=host).setServiceParent(top)
+
+    log.info("dgproxy {version} listening on {addr}", version=__version__, addr=config.listen_addr)
+    log.info("Config: {source}", source=config.source)
+    log.info("Backend 'default': filesystem at {root} ({swept} stale temp file(s) swept)",
+             root=backend.root, swept=swept)
+    log.info("Reference cache: {mb} MB; codec slots: {slots}", mb=config.cache_mb,
+             slots=config.codec_concurrency)
+    if config.open_access:
+        log.warn("Authentication: none — all S3 data is accessible without credentials")
+    else:
+        log.info("Authentication: SigV4 with access key {akid}", akid=config.access_key_id)
+    if config.cache_mb < 1024:
+        log.warn(CACHE_WARNING.format(mb=config.cache_mb))
+    return top
+
+
+def make_service(config_path: str | None) -> service.IService:
+    """The twistd entry point: print one line and exit 1 on a fatal problem."""
+    try:
+        return build(load(config_path))
+    except ConfigError as e:
+        sys.stderr.write(f"dgproxy: config error: {e}\n")
+    except Fatal as e:
+        sys.stderr.write(f"dgproxy: {e}\n")
+    sys.stderr.flush()
+    raise SystemExit(1)

@@ -1,0 +1,369 @@
+"""Filesystem backend: the Rust proxy's on-disk layout, written atomically.
+
+C{{root}/{bucket}/deltaspaces/{stored key}} holds each blob; its metadata is
+the C{user.dg.metadata} xattr on the same inode. Writes go to a temp file in
+the target directory, get their xattr, are fsynced and renamed into place,
+and the directory is fsynced, so a reader sees the old blob or the new one.
+Blocking calls run in the reactor's thread pool.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import shutil
+from datetime import datetime, timezone
+from typing import Optional
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from dgproxy.storage.interface import (
+    BucketInfo, BucketMissing, BucketNotEmptyError, IBackend, IObjectWriter,
+    KeyConflict, StorageError, StoredObject)
+from dgproxy.storage.metadata import (
+    REFERENCE_NAME, XATTR_NAME, MetadataError, ObjectMetadata)
+from dgproxy.streams import FileSource
+
+log = Logger()
+
+OBJECTS_DIR = "deltaspaces"
+TEMP_PREFIXES = (".dgtmp.", ".tmp")
+PROBE_NAME = ".dg_xattr_probe"
+XATTR_HELP = ("Data directory does not support extended attributes. "
+              "{path}: {reason}. dgproxy stores object metadata in the user.dg.metadata "
+              "xattr; use ext4, XFS, Btrfs, ZFS or APFS (not tmpfs, FAT32, exFAT, or NFS "
+              "without xattr support), or switch to the S3 backend.")
+WRITE_BATCH = 1024 * 1024
+
+
+class XattrUnsupported(Exception):
+    """The data directory's filesystem cannot hold user xattrs."""
+
+
+def _set_xattr(fd_or_path, value: bytes) -> None:
+    os.setxattr(fd_or_path, XATTR_NAME, value)
+
+
+def _get_xattr(path: str) -> Optional[bytes]:
+    try:
+        return os.getxattr(path, XATTR_NAME)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, getattr(errno, "ENOATTR", errno.ENODATA)):
+            return None
+        raise
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_hidden(name: str) -> bool:
+    return name == REFERENCE_NAME or name.startswith(TEMP_PREFIXES) or name == PROBE_NAME
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, timezone.utc)
+
+
+def check_xattr_support(root: str) -> None:
+    """Write, read and delete a probe xattr; raise L{XattrUnsupported} if any step fails."""
+    probe = os.path.join(root, PROBE_NAME)
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"xattr_probe")
+        _set_xattr(probe, b"xattr_test_ok")
+        if _get_xattr(probe) != b"xattr_test_ok":
+            raise OSError(errno.EIO, "xattr read back a different value")
+    except OSError as e:
+        raise XattrUnsupported(XATTR_HELP.format(path=root, reason=e.strerror or e)) from None
+    finally:
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
+
+
+@implementer(IObjectWriter)
+class _FileWriter:
+    """Streams into a temp file beside the target; see L{FilesystemBackend}."""
+
+    def __init__(self, target: str, temp: str, fileobj):
+        self._target = target
+        self._temp = temp
+        self._file = fileobj
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._inflight: Optional[defer.Deferred] = None
+        self._done = False
+        self.size = 0
+
+    def write(self, data: bytes) -> defer.Deferred:
+        self.size += len(data)
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size < WRITE_BATCH:
+            return defer.succeed(None)
+        return defer.ensureDeferred(self._flush())
+
+    async def _flush(self) -> None:
+        """Start one threaded write once the previous one is done; at most
+        one write is in flight while the next batch fills."""
+        if self._inflight is not None:
+            await self._inflight
+        batch = b"".join(self._pending)
+        self._pending, self._pending_size = [], 0
+        self._inflight = deferToThread(self._file.write, batch)
+
+    async def commit(self, metadata: ObjectMetadata) -> None:
+        if self._pending:
+            await self._flush()
+        if self._inflight is not None:
+            await self._inflight
+        await deferToThread(self._finish, metadata.to_json())
+        self._done = True
+
+    def _finish(self, meta: bytes) -> None:
+        try:
+            self._file.flush()
+            _set_xattr(self._file.fileno(), meta)
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.rename(self._temp, self._target)
+            _fsync_dir(os.path.dirname(self._target))
+        except OSError as e:
+            self._discard()
+            if e.errno == errno.ENOSPC:
+                raise StorageError("insufficient storage space") from e
+            raise
+
+    def abort(self) -> None:
+        if not self._done:
+            self._done = True
+            if self._inflight is not None:
+                self._inflight.addErrback(lambda _: None)
+            self._discard()
+
+    def _discard(self) -> None:
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        try:
+            os.unlink(self._temp)
+        except FileNotFoundError:
+            pass
+
+
+@implementer(IBackend)
+class FilesystemBackend:
+    """Blobs and their xattr metadata under one data directory."""
+
+    def __init__(self, root: str, name: str = "default"):
+        self.name = name
+        self.root = os.path.abspath(root)
+
+    # -- start-up ---------------------------------------------------------
+    def prepare(self) -> int:
+        """Create the root, probe xattrs, sweep temp files; returns temp files removed.
+
+        Runs synchronously before the service listens."""
+        os.makedirs(self.root, exist_ok=True)
+        check_xattr_support(self.root)
+        swept = 0
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if name.startswith(TEMP_PREFIXES):
+                    try:
+                        os.unlink(os.path.join(dirpath, name))
+                        swept += 1
+                    except OSError:
+                        pass
+        return swept
+
+    # -- paths --------------------------------------------------------------
+    def _bucket_dir(self, bucket: str) -> str:
+        if not bucket or "/" in bucket or bucket in (".", "..") or "\0" in bucket:
+            raise BucketMissing(bucket)
+        return os.path.join(self.root, bucket)
+
+    def _objects_dir(self, bucket: str) -> str:
+        return os.path.join(self._bucket_dir(bucket), OBJECTS_DIR)
+
+    def _path(self, bucket: str, key: str) -> str:
+        """The file for C{key}; refuses anything that could leave the bucket."""
+        parts = key.split("/")
+        if (not key or key.startswith("/") or "\0" in key
+                or any(p in ("", ".", "..") for p in parts)):
+            raise KeyConflict(f"unsafe stored key {key!r}")
+        base = self._objects_dir(bucket)
+        path = os.path.join(base, *parts)
+        if os.path.commonpath([base, os.path.normpath(path)]) != base:
+            raise KeyConflict(f"unsafe stored key {key!r}")
+        return path
+
+    # -- buckets -------------------------------------------------------------
+    def list_buckets(self) -> defer.Deferred:
+        def scan():
+            out = []
+            for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
+                if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."):
+                    out.append(BucketInfo(entry.name, _utc(entry.stat().st_mtime)))
+            return out
+        return deferToThread(scan)
+
+    def bucket_exists(self, bucket: str) -> defer.Deferred:
+        return deferToThread(lambda: os.path.isdir(self._bucket_dir(bucket)))
+
+    def create_bucket(self, bucket: str) -> defer.Deferred:
+        def create():
+            path = self._bucket_dir(bucket)
+            try:
+                os.mkdir(path)
+            except FileExistsError:
+                return False
+            os.mkdir(os.path.join(path, OBJECTS_DIR))
+            _fsync_dir(self.root)
+            return True
+        return deferToThread(create)
+
+    def delete_bucket(self, bucket: str) -> defer.Deferred:
+        def delete():
+            path = self._bucket_dir(bucket)
+            if not os.path.isdir(path):
+                raise BucketMissing(bucket)
+            objects = os.path.join(path, OBJECTS_DIR)
+            for dirpath, _dirs, files in os.walk(objects):
+                if any(not _is_hidden(f) for f in files):
+                    raise BucketNotEmptyError(bucket)
+            shutil.rmtree(path)
+            _fsync_dir(self.root)
+        return deferToThread(delete)
+
+    # -- objects ---------------------------------------------------------------
+    def _stat_path(self, key: str, path: str) -> Optional[StoredObject]:
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not os.path.isfile(path):
+            return None
+        raw = _get_xattr(path)
+        meta = None
+        if raw is not None:
+            try:
+                meta = ObjectMetadata.from_json(raw)
+            except MetadataError as e:
+                log.warn("Unreadable metadata on {path}: {error}", path=path, error=str(e))
+        return StoredObject(key, st.st_size, _utc(st.st_mtime), meta)
+
+    def stat(self, bucket: str, key: str) -> defer.Deferred:
+        return deferToThread(lambda: self._stat_path(key, self._path(bucket, key)))
+
+    def open_read(self, bucket: str, key: str, offset: int = 0,
+                  length: Optional[int] = None) -> defer.Deferred:
+        def open_():
+            try:
+                f = open(self._path(bucket, key), "rb")
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                return None
+            return FileSource(f, offset, length)
+        return deferToThread(open_)
+
+    def open_write(self, bucket: str, key: str) -> defer.Deferred:
+        def open_():
+            target = self._path(bucket, key)
+            if not os.path.isdir(self._objects_dir(bucket)):
+                raise BucketMissing(bucket)
+            directory = os.path.dirname(target)
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise KeyConflict(f"a parent of {key!r} is an object") from None
+            if os.path.isdir(target):
+                raise KeyConflict(f"{key!r} is a prefix of other objects")
+            temp = os.path.join(directory, f"{TEMP_PREFIXES[0]}{secrets.token_hex(8)}")
+            return _FileWriter(target, temp, open(temp, "xb"))
+        return deferToThread(open_)
+
+    def delete(self, bucket: str, key: str) -> defer.Deferred:
+        def delete():
+            path = self._path(bucket, key)
+            try:
+                os.unlink(path)
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                return False
+            self._prune(bucket, os.path.dirname(path))
+            return True
+        return deferToThread(delete)
+
+    def _prune(self, bucket: str, directory: str) -> None:
+        """Remove now-empty directories up to (not including) deltaspaces/."""
+        stop = self._objects_dir(bucket)
+        while directory != stop and directory.startswith(stop + os.sep):
+            try:
+                os.rmdir(directory)
+            except OSError:
+                return
+            directory = os.path.dirname(directory)
+
+    def list(self, bucket: str, prefix: str, delimiter: Optional[str]) -> defer.Deferred:
+        return deferToThread(self._list, bucket, prefix, delimiter)
+
+    def _list(self, bucket: str, prefix: str, delimiter: Optional[str]):
+        base = self._objects_dir(bucket)
+        if not os.path.isdir(base):
+            raise BucketMissing(bucket)
+        dir_part, _, _ = prefix.rpartition("/")
+        parts = [p for p in dir_part.split("/") if p] if dir_part else []
+        if any(p in (".", "..") for p in parts):
+            return [], []
+        start = os.path.join(base, *parts)
+        objects: list[StoredObject] = []
+        prefixes: list[str] = []
+        if not os.path.isdir(start):
+            return objects, prefixes
+        rel_start = "/".join(parts)
+        if delimiter == "/":
+            for entry in os.scandir(start):
+                key = f"{rel_start}/{entry.name}" if rel_start else entry.name
+                if not key.startswith(prefix):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    if entry.name != ".dg" and self._has_visible(entry.path):
+                        prefixes.append(key + "/")
+                elif entry.is_file(follow_symlinks=False) and not entry.name.startswith(TEMP_PREFIXES):
+                    if entry.name == PROBE_NAME:
+                        continue
+                    obj = self._stat_path(key, entry.path)
+                    if obj is not None:
+                        objects.append(obj)
+        else:
+            for dirpath, dirs, files in os.walk(start):
+                dirs[:] = [d for d in dirs if d != ".dg"]
+                rel = os.path.relpath(dirpath, base)
+                rel = "" if rel == "." else rel.replace(os.sep, "/")
+                for name in files:
+                    if name.startswith(TEMP_PREFIXES) or name == PROBE_NAME:
+                        continue
+                    key = f"{rel}/{name}" if rel else name
+                    if key.startswith(prefix):
+                        obj = self._stat_path(key, os.path.join(dirpath, name))
+                        if obj is not None:
+                            objects.append(obj)
+        objects.sort(key=lambda o: o.key.encode("utf-8"))
+        prefixes.sort(key=lambda p: p.encode("utf-8"))
+        return objects, prefixes
+
+    def _has_visible(self, directory: str) -> bool:
+        for dirpath, _dirs, files in os.walk(directory):
+            if any(not _is_hidden(f) for f in files):
+                return True
+        return False

@@ -1,0 +1,96 @@
+"""The seat every storage backend fills.
+
+A backend stores opaque blobs under I{stored keys} (C{prefix/name},
+C{prefix/name.delta}, C{prefix/reference.bin}) inside buckets, each with an
+L{ObjectMetadata}. It knows nothing of deltas: the engine above decides what
+to store; the backend only keeps it safe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Optional
+
+from zope.interface import Attribute, Interface
+
+from dgproxy.storage.metadata import ObjectMetadata
+
+
+class StorageError(Exception):
+    """A backend failed in a way the client cannot fix (disk full, I/O error)."""
+
+
+class BucketMissing(StorageError):
+    """The bucket does not exist on the backend."""
+
+
+class BucketNotEmptyError(StorageError):
+    """DeleteBucket on a bucket that still holds objects."""
+
+
+class KeyConflict(StorageError):
+    """The key cannot be stored because part of its path is an object."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One blob on a backend: its stored key, stored size and metadata."""
+
+    key: str
+    size: int
+    modified: datetime
+    metadata: Optional[ObjectMetadata]
+
+
+@dataclass(frozen=True)
+class BucketInfo:
+    name: str
+    created: datetime
+
+
+class IObjectWriter(Interface):
+    """A blob being written; invisible until L{commit}."""
+
+    def write(data: bytes):
+        """Append data; the returned Deferred fires when more may be written."""
+
+    def commit(metadata: ObjectMetadata):
+        """Make the blob and its metadata visible atomically and durably."""
+
+    def abort():
+        """Throw the partial blob away. Safe after commit (does nothing)."""
+
+
+class IBackend(Interface):
+    """Blob storage for one backend (filesystem or S3)."""
+
+    name = Attribute("The backend's configured name.")
+
+    def list_buckets():
+        """Deferred list of L{BucketInfo}, sorted by name."""
+
+    def bucket_exists(bucket: str):
+        """Deferred bool."""
+
+    def create_bucket(bucket: str):
+        """Deferred bool: True if created, False if it already existed."""
+
+    def delete_bucket(bucket: str):
+        """Deferred; fails with L{BucketNotEmptyError} or L{BucketMissing}."""
+
+    def stat(bucket: str, key: str):
+        """Deferred L{StoredObject} or None."""
+
+    def open_read(bucket: str, key: str, offset: int = 0, length: Optional[int] = None):
+        """Deferred L{IByteSource} over the stored bytes, or None if absent."""
+
+    def open_write(bucket: str, key: str):
+        """Deferred L{IObjectWriter}; fails with L{BucketMissing}/L{KeyConflict}."""
+
+    def delete(bucket: str, key: str):
+        """Deferred bool: whether something was deleted."""
+
+    def list(bucket: str, prefix: str, delimiter: Optional[str]):
+        """Deferred (objects, prefixes): stored objects whose key starts with
+        C{prefix} (sorted by key) and, with delimiter '/', the sub-prefixes."""

@@ -1,0 +1,151 @@
+"""Per-object metadata in the Rust proxy's format (fact sheet storage §2).
+
+On the filesystem it is one xattr, C{user.dg.metadata}, holding compact JSON;
+the field order and optional-field rules follow the Rust serializer so both
+proxies read each other's data directories.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Mapping, Optional
+
+XATTR_NAME = "user.dg.metadata"
+REFERENCE_NAME = "reference.bin"
+DELTA_SUFFIX = ".delta"
+INTERNAL_REFERENCE_NAME = "__reference__"
+EMPTY_MD5 = "d41d8cd98f00b204e9800998ecf8427e"
+
+PASSTHROUGH, DELTA, REFERENCE = "passthrough", "delta", "reference"
+
+
+class MetadataError(ValueError):
+    """Stored metadata that cannot be understood."""
+
+
+def format_timestamp(when: datetime) -> str:
+    """RFC 3339 in UTC with a Z suffix, as chrono writes it."""
+    when = when.astimezone(timezone.utc)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z"
+
+
+_TS = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)?$")
+
+
+def parse_timestamp(text: str) -> datetime:
+    m = _TS.match(text.strip())
+    if not m:
+        raise MetadataError(f"bad timestamp {text!r}")
+    base, frac, zone = m.groups()
+    micro = int((frac or "0")[:6].ljust(6, "0"))
+    when = datetime.strptime(base, "%Y-%m-%dT%H:%M:%S").replace(microsecond=micro)
+    if zone in (None, "Z"):
+        return when.replace(tzinfo=timezone.utc)
+    sign = 1 if zone[0] == "+" else -1
+    from datetime import timedelta
+    offset = timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6])) * sign
+    return (when - offset).replace(tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class ObjectMetadata:
+    """What dgproxy knows about one stored object (the Rust C{FileMetadata})."""
+
+    tool: str
+    original_name: str
+    file_sha256: str
+    file_size: int
+    md5: str
+    created_at: datetime
+    note: str = PASSTHROUGH
+    content_type: Optional[str] = None
+    user_metadata: Mapping[str, str] = field(default_factory=dict)
+    multipart_etag: Optional[str] = None
+    source_name: Optional[str] = None
+    ref_path: Optional[str] = None
+    ref_sha256: Optional[str] = None
+    delta_size: Optional[int] = None
+    delta_cmd: Optional[str] = None
+
+    @property
+    def etag(self) -> str:
+        """The quoted ETag a client sees."""
+        if self.multipart_etag:
+            tag = self.multipart_etag.strip('"')
+            return f'"{tag}"'
+        return f'"{self.md5}"'
+
+    def with_changes(self, **changes) -> "ObjectMetadata":
+        return replace(self, **changes)
+
+    def to_json(self) -> bytes:
+        doc: dict = {
+            "tool": self.tool,
+            "original_name": self.original_name,
+            "file_sha256": self.file_sha256,
+            "file_size": self.file_size,
+            "md5": self.md5,
+        }
+        if self.multipart_etag:
+            doc["multipart_etag"] = self.multipart_etag
+        doc["created_at"] = format_timestamp(self.created_at)
+        if self.content_type:
+            doc["content_type"] = self.content_type
+        if self.user_metadata:
+            doc["user_metadata"] = dict(self.user_metadata)
+        doc["note"] = self.note
+        if self.note == REFERENCE:
+            doc["source_name"] = self.source_name or ""
+        elif self.note == DELTA:
+            doc["ref_path"] = self.ref_path or REFERENCE_NAME
+            doc["ref_sha256"] = self.ref_sha256 or ""
+            doc["delta_size"] = self.delta_size or 0
+            doc["delta_cmd"] = self.delta_cmd or ""
+        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "ObjectMetadata":
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise MetadataError(f"metadata is not JSON: {e}") from None
+        if not isinstance(doc, dict):
+            raise MetadataError("metadata is not a JSON object")
+        try:
+            note = doc["note"]
+            if note == "direct":
+                note = PASSTHROUGH
+            if note not in (PASSTHROUGH, DELTA, REFERENCE):
+                raise MetadataError(f"unknown storage note {note!r}")
+            user = doc.get("user_metadata") or {}
+            if not isinstance(user, dict):
+                raise MetadataError("user_metadata is not an object")
+            meta = cls(
+                tool=str(doc["tool"]),
+                original_name=str(doc["original_name"]),
+                file_sha256=str(doc["file_sha256"]),
+                file_size=int(doc["file_size"]),
+                md5=str(doc["md5"]),
+                created_at=parse_timestamp(str(doc["created_at"])),
+                note=note,
+                content_type=doc.get("content_type") or None,
+                user_metadata={str(k): str(v) for k, v in user.items()},
+                multipart_etag=doc.get("multipart_etag") or None,
+                source_name=doc.get("source_name"),
+                ref_path=doc.get("ref_path") or doc.get("ref_key"),
+                ref_sha256=doc.get("ref_sha256"),
+                delta_size=None if doc.get("delta_size") is None else int(doc["delta_size"]),
+                delta_cmd=doc.get("delta_cmd"),
+            )
+        except KeyError as e:
+            raise MetadataError(f"metadata lacks field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise MetadataError(f"metadata field has a bad value: {e}") from None
+        if meta.note == DELTA and (meta.ref_sha256 is None or meta.delta_size is None):
+            raise MetadataError("delta metadata lacks ref_sha256 or delta_size")
+        if meta.file_size < 0:
+            raise MetadataError("negative file_size")
+        return meta

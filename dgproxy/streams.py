@@ -1,0 +1,302 @@
+"""Byte streams with backpressure: the one shape every body takes.
+
+A body moves through dgproxy as an L{IByteSource}: something the next stage
+pulls from with C{read()}, getting a L{Deferred} of the next chunk (C{b""} at
+the end). Because a stage only asks for the next chunk when it has dealt with
+the last one, backpressure falls out of the shape: at the socket edge,
+L{BodyStream} pauses the client's transport while its buffer is full, and
+L{pump_to_request} stops pulling while the client's socket is full.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Callable, Optional
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+CHUNK = 256 * 1024
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its request body was complete."""
+
+
+class IByteSource(Interface):
+    """A stream of bytes pulled one chunk at a time."""
+
+    def read(size: int = CHUNK) -> defer.Deferred:
+        """Fire with up to C{size} bytes; C{b""} means the stream has ended."""
+
+    def close() -> None:
+        """Release what the source holds; safe to call more than once."""
+
+
+@implementer(IByteSource)
+class BodyStream:
+    """Turns pushed chunks (from a socket) into a pulled L{IByteSource}.
+
+    C{pause}/C{resume} are called when the buffer goes above C{high} bytes
+    and back below it, so a slow reader slows the writer down.
+    """
+
+    def __init__(self, pause: Callable[[], None], resume: Callable[[], None],
+                 high: int = 2 * CHUNK):
+        self._pause = pause
+        self._resume = resume
+        self._high = high
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._paused = False
+        self._done = False
+        self._failure: Optional[Failure] = None
+        self._waiting: Optional[defer.Deferred] = None
+        self.received = 0
+
+    # push side
+    def feed(self, data: bytes) -> None:
+        if self._done or self._failure is not None or not data:
+            return
+        self.received += len(data)
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered >= self._high:
+            # Pause again even if already paused: the channel may have
+            # resumed the transport behind our back.
+            self._paused = True
+            self._pause()
+        self._wake()
+
+    def finish(self) -> None:
+        self._done = True
+        self._wake()
+
+    def fail(self, reason: Failure | Exception) -> None:
+        if self._done or self._failure is not None:
+            return
+        self._failure = reason if isinstance(reason, Failure) else Failure(reason)
+        self._wake()
+
+    @property
+    def finished(self) -> bool:
+        return self._done
+
+    # pull side
+    def read(self, size: int = CHUNK) -> defer.Deferred:
+        if self._waiting is not None:
+            raise RuntimeError("concurrent read on a BodyStream")
+        if self._chunks:
+            return defer.succeed(self._take(size))
+        if self._failure is not None:
+            return defer.fail(self._failure)
+        if self._done:
+            return defer.succeed(b"")
+        self._waiting = defer.Deferred()
+        self._waiting.size = size  # type: ignore[attr-defined]
+        return self._waiting
+
+    def close(self) -> None:
+        self._chunks.clear()
+        self._buffered = 0
+        if self._failure is None and not self._done:
+            self._failure = Failure(ClientDisconnected("body closed by reader"))
+        if self._paused:
+            self._paused = False
+            self._resume()
+
+    def _take(self, size: int) -> bytes:
+        out = []
+        n = 0
+        while self._chunks and n < size:
+            chunk = self._chunks[0]
+            room = size - n
+            if len(chunk) <= room:
+                out.append(self._chunks.pop(0))
+                n += len(chunk)
+            else:
+                out.append(chunk[:room])
+                self._chunks[0] = chunk[room:]
+                n += room
+        self._buffered -= n
+        if self._paused and self._buffered < self._high // 2:
+            self._paused = False
+            self._resume()
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _wake(self) -> None:
+        d, self._waiting = self._waiting, None
+        if d is None:
+            return
+        if self._chunks:
+            d.callback(self._take(d.size))
+        elif self._failure is not None:
+            d.errback(self._failure)
+        elif self._done:
+            d.callback(b"")
+        else:
+            self._waiting = d
+
+
+@implementer(IByteSource)
+class BytesSource:
+    """An in-memory source, for small bodies (XML documents, tests)."""
+
+    def __init__(self, data: bytes):
+        self._data = memoryview(data)
+        self._pos = 0
+
+    def read(self, size: int = CHUNK) -> defer.Deferred:
+        chunk = bytes(self._data[self._pos:self._pos + size])
+        self._pos += len(chunk)
+        return defer.succeed(chunk)
+
+    def close(self) -> None:
+        self._pos = len(self._data)
+
+
+@implementer(IByteSource)
+class FileSource:
+    """Reads C{length} bytes of an open file from C{offset}, then closes it.
+
+    Reads are synchronous: a read of a local file is a page-cache copy, the
+    same trade Twisted's own static file producers make.
+    """
+
+    def __init__(self, fileobj, offset: int = 0, length: Optional[int] = None):
+        self._file = fileobj
+        self._remaining = length
+        if offset:
+            fileobj.seek(offset)
+
+    def read(self, size: int = CHUNK) -> defer.Deferred:
+        if self._file is None:
+            return defer.succeed(b"")
+        if self._remaining is not None:
+            size = min(size, self._remaining)
+        try:
+            data = self._file.read(size) if size > 0 else b""
+        except OSError as e:
+            self.close()
+            return defer.fail(e)
+        if self._remaining is not None:
+            self._remaining -= len(data)
+        if not data:
+            self.close()
+        return defer.succeed(data)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@implementer(IByteSource)
+class HashingSource:
+    """Passes a source through while computing MD5 and SHA-256 of what passed."""
+
+    def __init__(self, source, want_sha256: bool = True):
+        self._source = source
+        self.md5 = hashlib.md5()
+        self.sha256 = hashlib.sha256() if want_sha256 else None
+        self.size = 0
+
+    def read(self, size: int = CHUNK) -> defer.Deferred:
+        return self._source.read(size).addCallback(self._seen)
+
+    def _seen(self, data: bytes) -> bytes:
+        if data:
+            self.size += len(data)
+            self.md5.update(data)
+            if self.sha256 is not None:
+                self.sha256.update(data)
+        return data
+
+    def close(self) -> None:
+        self._source.close()
+
+
+@implementer(IPushProducer)
+class _RequestPump:
+    """Writes a source into a Twisted request, pausing while it is full."""
+
+    def __init__(self, source, request):
+        self._source = source
+        self._request = request
+        self._resumed: Optional[defer.Deferred] = None
+        self._stopped = False
+
+    def pauseProducing(self) -> None:
+        if self._resumed is None:
+            self._resumed = defer.Deferred()
+
+    def resumeProducing(self) -> None:
+        d, self._resumed = self._resumed, None
+        if d is not None:
+            d.callback(None)
+
+    def stopProducing(self) -> None:
+        self._stopped = True
+        self.resumeProducing()
+
+    async def run(self) -> int:
+        sent = 0
+        self._request.registerProducer(self, True)
+        try:
+            while not self._stopped:
+                if self._resumed is not None:
+                    await self._resumed
+                    continue
+                chunk = await self._source.read(CHUNK)
+                if not chunk:
+                    break
+                sent += len(chunk)
+                self._request.write(chunk)
+        finally:
+            self._source.close()
+            if not self._stopped:
+                self._request.unregisterProducer()
+        if self._stopped:
+            raise ClientDisconnected("client went away mid-response")
+        return sent
+
+
+def pump_to_request(source, request) -> defer.Deferred:
+    """Copy C{source} into C{request} with backpressure; fires with bytes sent."""
+    return defer.ensureDeferred(_RequestPump(source, request).run())
+
+
+async def drain(source, sink_write: Callable[[bytes], object]) -> int:
+    """Pull every chunk of C{source} into C{sink_write}, awaiting it when it
+    returns a Deferred; returns the byte count."""
+    total = 0
+    try:
+        while True:
+            chunk = await source.read(CHUNK)
+            if not chunk:
+                return total
+            total += len(chunk)
+            result = sink_write(chunk)
+            if isinstance(result, defer.Deferred):
+                await result
+    finally:
+        source.close()
+
+
+async def read_all(source, limit: int) -> bytes:
+    """Read a whole small body; more than C{limit} bytes raises L{ValueError}."""
+    parts = []
+    total = 0
+    try:
+        while True:
+            chunk = await source.read(CHUNK)
+            if not chunk:
+                return b"".join(parts)
+            total += len(chunk)
+            if total > limit:
+                raise ValueError(f"body larger than {limit} bytes")
+            parts.append(chunk)
+    finally:
+        source.close()
