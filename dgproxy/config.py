@@ -84,6 +84,7 @@ class Config:
     backend_secret_access_key: Optional[str] = None
     spool_dir: Optional[str] = None
     drain_timeout_secs: int = 30
+    virtual_host_domains: tuple[str, ...] = ("localhost",)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -133,6 +134,7 @@ _ADVANCED = {
     "spool_dir": ("spool_dir", str),
     "max_multipart_uploads": ("max_multipart_uploads", int),
     "drain_timeout_secs": ("drain_timeout_secs", int),
+    "virtual_host_domains": ("virtual_host_domains", "list"),
 }
 _IGNORED_ADVANCED = {"metadata_cache_mb", "blocking_threads", "tls", "event_delivery",
                      "config_sync_object_key", "max_passthrough_object_size"}
@@ -168,6 +170,7 @@ _ENV = {
     "DGP_BE_AWS_SECRET_ACCESS_KEY": ("backend_secret_access_key", str),
     "DGP_SPOOL_DIR": ("spool_dir", str),
     "DGP_DRAIN_TIMEOUT_SECS": ("drain_timeout_secs", int),
+    "DGP_VIRTUAL_HOST_DOMAINS": ("virtual_host_domains", "list"),
 }
 
 _ENV_REF = re.compile(r"\$\$|\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -193,6 +196,11 @@ def expand_env(text: str, env: Mapping[str, str], source: str) -> str:
 
 def _convert(value: Any, conv: Any, key: str, source: str) -> Any:
     try:
+        if conv == "list":
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                raise ValueError(value)
+            return tuple(i.strip().lower() for i in items if i.strip())
         if conv == "bool":
             if isinstance(value, bool):
                 return value

@@ -17,6 +17,10 @@ from dgproxy import __version__
 from dgproxy.admin.tree import build_admin_root
 from dgproxy.auth.authenticator import Authenticator
 from dgproxy.config import Config, ConfigError, load
+from dgproxy.engine.codec import Codec, check_xdelta3
+from dgproxy.engine.policy import DeltaPolicy
+from dgproxy.engine.references import ReferenceCache, References
+from dgproxy.engine.spool import Spool
 from dgproxy.engine.store import ObjectStore
 from dgproxy.http.site import DGSite
 from dgproxy.s3.front import S3Front
@@ -81,10 +85,23 @@ def build(config: Config) -> DrainingService:
         except OSError as e:
             raise Fatal(f"Cannot create declared bucket {name!r}: {e.strerror}") from None
 
-    store = ObjectStore(backend, config.max_object_size)
+    try:
+        xdelta3_version = check_xdelta3()
+    except RuntimeError as e:
+        raise Fatal(str(e)) from None
+    spool = Spool(config.spool_dir)
+    try:
+        spool_swept = spool.prepare()
+    except OSError as e:
+        raise Fatal(f"Cannot use spool directory {spool.directory}: {e.strerror}") from None
+    codec = Codec(reactor, config.codec_concurrency)
+    cache = ReferenceCache(config.cache_mb * 1024 * 1024)
+    store = ObjectStore(backend, config.max_object_size, DeltaPolicy.from_config(config), codec,
+                        References(backend, cache, spool), spool)
     authenticator = Authenticator(config.access_key_id, config.secret_access_key,
                                   config.open_access, config.clock_skew_seconds)
-    front = S3Front(authenticator, Operations(store, config.max_object_size))
+    front = S3Front(authenticator, Operations(store, config.max_object_size),
+                    config.virtual_host_domains)
     admin = build_admin_root(lambda: (200, {"status": "ok", "version": __version__}),
                              lambda: (200, {"status": "ready"}))
     site = DGSite(front, admin)
@@ -98,8 +115,10 @@ def build(config: Config) -> DrainingService:
     log.info("Config: {source}", source=config.source)
     log.info("Backend 'default': filesystem at {root} ({swept} stale temp file(s) swept)",
              root=backend.root, swept=swept)
-    log.info("Reference cache: {mb} MB; codec slots: {slots}", mb=config.cache_mb,
-             slots=config.codec_concurrency)
+    log.info("Reference cache: {mb} MB; codec slots: {slots} ({xdelta3}); spool: {spool} "
+             "({spool_swept} stale file(s) swept)", mb=config.cache_mb,
+             slots=config.codec_concurrency, xdelta3=xdelta3_version, spool=spool.directory,
+             spool_swept=spool_swept)
     if config.open_access:
         log.warn("Authentication: none — all S3 data is accessible without credentials")
     else:

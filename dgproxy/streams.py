@@ -218,6 +218,53 @@ class HashingSource:
         self._source.close()
 
 
+class FileSink:
+    """Writes to a local file in the reactor's thread pool, batched.
+
+    Data is gathered into batches of L{batch} bytes; one batch is written in
+    a thread while the next fills, so a slow disk slows the writer (the
+    Deferred from L{write} waits) without blocking the reactor."""
+
+    batch = 1024 * 1024
+
+    def __init__(self, fileobj):
+        self.file = fileobj
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._inflight: Optional[defer.Deferred] = None
+        self.size = 0
+
+    def write(self, data: bytes) -> defer.Deferred:
+        self.size += len(data)
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size < self.batch:
+            return defer.succeed(None)
+        return defer.ensureDeferred(self._start_batch())
+
+    async def _start_batch(self) -> None:
+        from twisted.internet.threads import deferToThread
+        if self._inflight is not None:
+            await self._inflight
+        data = b"".join(self._pending)
+        self._pending, self._pending_size = [], 0
+        self._inflight = deferToThread(self.file.write, data)
+
+    async def flush(self) -> None:
+        """Wait until every byte given to L{write} is in the file."""
+        if self._pending:
+            await self._start_batch()
+        if self._inflight is not None:
+            await self._inflight
+        self.file.flush()
+
+    def discard(self) -> None:
+        """Forget pending data; an in-flight write's failure is ignored."""
+        self._pending, self._pending_size = [], 0
+        if self._inflight is not None:
+            self._inflight.addErrback(lambda _: None)
+
+
 @implementer(IPushProducer)
 class _RequestPump:
     """Writes a source into a Twisted request, pausing while it is full."""

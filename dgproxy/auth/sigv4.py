@@ -90,9 +90,10 @@ def canonical_uri(raw_path: bytes) -> str:
 
 
 def _decode_query_part(part: bytes) -> bytes:
-    # '+' means space: botocore sends request params through urlencode (so
-    # "a b" goes out as "a+b") but signs them as "a%20b"; a real '+' is
-    # always sent as %2B. AWS S3 reads '+' the same way.
+    # '+' means space. botocore's S3 client sends %20, but a request signed
+    # from AWSRequest(params=...) goes out through urlencode ("a b" -> "a+b")
+    # while being signed as "a%20b"; a real '+' is always sent as %2B. AWS
+    # S3 reads '+' the same way. The S3 layer must decode the query alike.
     return unquote_to_bytes(part.replace(b"+", b" "))
 
 

@@ -1,25 +1,38 @@
 """The object store the S3 layer talks to: client keys in, stored blobs out.
 
-It decides how each object is stored (for now always passthrough; the delta
-decision of SPEC §4 plugs in at L{ObjectStore.put}), resolves a key to the
-blob that currently represents it, and turns a backend listing into client
-keys with their original sizes and ETags.
+It decides how each object is stored (SPEC §4: C{reference}, C{delta} or
+C{passthrough}), resolves a key to the blob that currently represents it,
+rebuilds delta objects through xdelta3 (sending nothing until the SHA-256
+matches), and turns a backend listing into client keys with their original
+sizes and ETags.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
-from dataclasses import dataclass
+import time
+from collections import Counter
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Mapping, Optional
 
+from twisted.internet import defer
+from twisted.logger import Logger
+
 from dgproxy import TOOL_NAME
-from dgproxy.engine.keys import ObjectKey, user_key_of
-from dgproxy.storage.interface import StoredObject
+from dgproxy.engine.codec import Codec, CodecError, OutputTooLarge
+from dgproxy.engine.keys import ObjectKey, reference_key, user_key_of
+from dgproxy.engine.policy import DeltaPolicy
+from dgproxy.engine.references import ReferenceCorrupt, ReferenceFile, References
+from dgproxy.engine.spool import Spool, SpoolFile
+from dgproxy.storage.interface import AlreadyExists, StoredObject
 from dgproxy.storage.metadata import (
-    DELTA, EMPTY_MD5, PASSTHROUGH, ObjectMetadata)
-from dgproxy.streams import CHUNK, HashingSource
+    DELTA, EMPTY_MD5, INTERNAL_REFERENCE_NAME, PASSTHROUGH, REFERENCE, REFERENCE_NAME,
+    ObjectMetadata)
+from dgproxy.streams import CHUNK, FileSource, HashingSource
+
+log = Logger(namespace="dgproxy.engine")
 
 
 class ChecksumMismatch(Exception):
@@ -28,6 +41,20 @@ class ChecksumMismatch(Exception):
 
 class BodyTooLarge(Exception):
     """The body grew past the configured maximum object size."""
+
+
+class IntegrityError(Exception):
+    """A delta object cannot be rebuilt byte-exact (missing or corrupt data)."""
+
+
+@dataclass
+class EngineStats:
+    """Counters the metrics endpoint reads."""
+
+    decisions: Counter = field(default_factory=Counter)
+    encode_seconds: list = field(default_factory=list)
+    decode_seconds: list = field(default_factory=list)
+    bytes_saved: int = 0
 
 
 @dataclass(frozen=True)
@@ -72,18 +99,71 @@ def _effective(stored: StoredObject) -> ObjectMetadata:
     return unmanaged_metadata(stored, stored.key.rpartition("/")[2])
 
 
+class DeltaspaceLocks:
+    """One L{DeferredLock} per deltaspace, dropped when nobody holds it."""
+
+    def __init__(self):
+        self._locks: dict[tuple, list] = {}
+
+    async def run(self, key: tuple, fn):
+        entry = self._locks.setdefault(key, [defer.DeferredLock(), 0])
+        entry[1] += 1
+        try:
+            await entry[0].acquire()
+            try:
+                return await fn()
+            finally:
+                entry[0].release()
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._locks[key]
+
+
+@dataclass
+class _Body:
+    """A fully received body: where it is and what it hashed to."""
+
+    spool: SpoolFile
+    size: int
+    md5: str
+    sha256: str
+
+
 class ObjectStore:
     """Client-key operations over one backend (the router picks the backend)."""
 
-    def __init__(self, backend, max_object_size: int):
+    def __init__(self, backend, max_object_size: int, policy: DeltaPolicy, codec: Codec,
+                 references: References, spool: Spool, stats: Optional[EngineStats] = None):
         self.backend = backend
         self.max_object_size = max_object_size
+        self.policy = policy
+        self.codec = codec
+        self.references = references
+        self.spool = spool
+        self.stats = stats or EngineStats()
+        self.locks = DeltaspaceLocks()
 
+    # -- writes ---------------------------------------------------------------
     async def put(self, bucket: str, key: str, body, *, content_type: Optional[str],
                   user_metadata: Mapping[str, str], expected_md5: Optional[str] = None,
-                  multipart_etag: Optional[str] = None) -> ObjectMetadata:
+                  multipart_etag: Optional[str] = None,
+                  size_hint: Optional[int] = None) -> ObjectMetadata:
         """Store C{body} under C{key}; nothing is visible unless all of it arrived."""
         okey = ObjectKey(key)
+        fields = dict(content_type=content_type, user_metadata=dict(user_metadata),
+                      multipart_etag=multipart_etag)
+        if not self.policy.eligible(bucket, okey.filename, size_hint):
+            return await self._put_passthrough(bucket, okey, body, expected_md5, fields)
+        return await self._put_candidate(bucket, okey, body, expected_md5, size_hint, fields)
+
+    def _metadata(self, okey: ObjectKey, size: int, md5: str, sha256: str, note: str,
+                  fields: dict, **extra) -> ObjectMetadata:
+        return ObjectMetadata(
+            tool=TOOL_NAME, original_name=okey.filename, file_sha256=sha256, file_size=size,
+            md5=md5, created_at=datetime.now(timezone.utc), note=note, **fields, **extra)
+
+    async def _put_passthrough(self, bucket, okey: ObjectKey, body, expected_md5, fields):
         source = HashingSource(body)
         writer = await self.backend.open_write(bucket, okey.passthrough_key)
         try:
@@ -97,12 +177,8 @@ class ObjectStore:
             md5 = source.md5.hexdigest()
             if expected_md5 is not None and md5 != expected_md5:
                 raise ChecksumMismatch(md5)
-            meta = ObjectMetadata(
-                tool=TOOL_NAME, original_name=okey.filename,
-                file_sha256=source.sha256.hexdigest(), file_size=source.size, md5=md5,
-                created_at=datetime.now(timezone.utc), note=PASSTHROUGH,
-                content_type=content_type, user_metadata=dict(user_metadata),
-                multipart_etag=multipart_etag)
+            meta = self._metadata(okey, source.size, md5, source.sha256.hexdigest(),
+                                  PASSTHROUGH, fields)
             await writer.commit(meta)
         except BaseException:
             writer.abort()
@@ -110,8 +186,192 @@ class ObjectStore:
             raise
         # A passthrough write supersedes any delta of the same key.
         await self.backend.delete(bucket, okey.delta_key)
+        self.stats.decisions[PASSTHROUGH] += 1
         return meta
 
+    async def _put_candidate(self, bucket, okey: ObjectKey, body, expected_md5, size_hint,
+                             fields) -> ObjectMetadata:
+        """Spool the body while encoding it against the reference (if there is
+        one yet), then keep whichever of delta and original is smaller."""
+        ds = okey.deltaspace
+        ratio = self.policy.ratio(bucket)
+        spool = self.spool.create("body")
+        delta: Optional[SpoolFile] = None
+        run = None
+        ref: Optional[ReferenceFile] = None
+        try:
+            ref = await self._reference(bucket, ds)
+            if ref is not None and size_hint:
+                delta = self.spool.create("delta")
+                run = await self.codec.start("encode", ref.path, delta.write,
+                                             cap=int(size_hint * ratio))
+            started = time.monotonic()
+            source = HashingSource(body)
+            try:
+                while True:
+                    chunk = await source.read(CHUNK)
+                    if not chunk:
+                        break
+                    if source.size > self.max_object_size:
+                        raise BodyTooLarge(source.size)
+                    spool.write(chunk)
+                    if run is not None and run.failed is None:
+                        try:
+                            await run.write(chunk)
+                        except CodecError:
+                            pass  # a losing or failed delta: the original is kept
+            finally:
+                source.close()
+            spool.flush()
+            received = _Body(spool, source.size, source.md5.hexdigest(),
+                             source.sha256.hexdigest())
+            if expected_md5 is not None and received.md5 != expected_md5:
+                raise ChecksumMismatch(received.md5)
+            delta_size = None
+            if run is not None:
+                delta_size = await self._finish_encode(run)
+                self.stats.encode_seconds.append(time.monotonic() - started)
+                run = None
+            if ref is None:
+                return await self.locks.run(
+                    (self.backend.name, bucket, ds),
+                    lambda: self._put_first(bucket, okey, received, ratio, fields))
+            if delta_size is None:
+                delta = delta or self.spool.create("delta")
+                delta_size = await self._encode_file(ref.path, spool, delta, received.size, ratio)
+            return await self._decide(bucket, okey, received, ref, delta, delta_size, ratio,
+                                      fields)
+        except BaseException:
+            if run is not None:
+                run.abort()
+            raise
+        finally:
+            spool.release()
+            if delta is not None:
+                delta.release()
+            if ref is not None:
+                ref.release()
+
+    async def _reference(self, bucket: str, ds: str) -> Optional[ReferenceFile]:
+        try:
+            return await self.references.materialise(bucket, ds)
+        except ReferenceCorrupt:
+            self.references.evict(bucket, ds)
+            raise IntegrityError(f"reference of {bucket}/{ds or '(root)'} is corrupt") from None
+
+    @staticmethod
+    async def _finish_encode(run) -> Optional[int]:
+        try:
+            return await run.finish()
+        except OutputTooLarge:
+            return None
+        except CodecError as e:
+            log.warn("Delta encode failed, storing the original: {error}", error=str(e))
+            return None
+
+    async def _encode_file(self, ref_path: str, body: SpoolFile, out: SpoolFile, size: int,
+                           ratio: float) -> Optional[int]:
+        """Encode a spooled body against a reference; None when the delta loses."""
+        started = time.monotonic()
+        run = await self.codec.start("encode", ref_path, out.write, cap=int(size * ratio))
+        source = FileSource(open(body.path, "rb"))
+        try:
+            while run.failed is None:
+                chunk = await source.read(CHUNK)
+                if not chunk:
+                    break
+                await run.write(chunk)
+        except CodecError:
+            pass
+        finally:
+            source.close()
+        result = await self._finish_encode(run)
+        self.stats.encode_seconds.append(time.monotonic() - started)
+        return result
+
+    async def _put_first(self, bucket, okey: ObjectKey, body: _Body, ratio, fields):
+        """Under the deltaspace lock: become the reference if there still is none."""
+        ds = okey.deltaspace
+        ref = await self._reference(bucket, ds)
+        created = False
+        if ref is None and body.size > 0:
+            ref_meta = ObjectMetadata(
+                tool=TOOL_NAME, original_name=INTERNAL_REFERENCE_NAME, file_sha256=body.sha256,
+                file_size=body.size, md5=body.md5, created_at=datetime.now(timezone.utc),
+                note=REFERENCE, content_type=fields["content_type"], source_name=okey.key)
+            try:
+                await self._store_file(bucket, okey.reference_key, body.spool, ref_meta,
+                                       exclusive=True)
+                created = True
+                ref = ReferenceFile(body.spool.path, ref_meta, None)
+            except AlreadyExists:  # another process won the race
+                ref = await self._reference(bucket, ds)
+        if ref is None:
+            return await self._store_passthrough_file(bucket, okey, body, fields)
+        delta = self.spool.create("delta")
+        try:
+            delta_size = await self._encode_file(ref.path, body.spool, delta, body.size, ratio)
+            meta = await self._decide(bucket, okey, body, ref, delta, delta_size, ratio, fields,
+                                      created_reference=created)
+        finally:
+            delta.release()
+            ref.release()
+        return meta
+
+    async def _decide(self, bucket, okey: ObjectKey, body: _Body, ref: ReferenceFile,
+                      delta: Optional[SpoolFile], delta_size: Optional[int], ratio: float,
+                      fields, created_reference: bool = False) -> ObjectMetadata:
+        keep = (delta is not None and delta_size is not None and body.size > 0
+                and delta_size / body.size < ratio)
+        if not keep:
+            meta = await self._store_passthrough_file(bucket, okey, body, fields)
+            if created_reference:
+                await self._drop_reference(bucket, okey.deltaspace)
+            return meta
+        meta = self._metadata(
+            okey, body.size, body.md5, body.sha256, DELTA, fields,
+            ref_path=REFERENCE_NAME, ref_sha256=ref.metadata.file_sha256, delta_size=delta_size,
+            delta_cmd=f"xdelta3 -e -9 -s {REFERENCE_NAME} {okey.filename} {okey.filename}.delta")
+        await self._store_file(bucket, okey.delta_key, delta, meta)
+        await self.backend.delete(bucket, okey.passthrough_key)
+        self.stats.decisions[REFERENCE if created_reference else DELTA] += 1
+        self.stats.bytes_saved += body.size - delta_size
+        return meta
+
+    async def _store_passthrough_file(self, bucket, okey: ObjectKey, body: _Body, fields):
+        meta = self._metadata(okey, body.size, body.md5, body.sha256, PASSTHROUGH, fields)
+        await self._store_file(bucket, okey.passthrough_key, body.spool, meta)
+        await self.backend.delete(bucket, okey.delta_key)
+        self.stats.decisions[PASSTHROUGH] += 1
+        return meta
+
+    async def _store_file(self, bucket: str, stored_key: str, spool: SpoolFile,
+                          meta: ObjectMetadata, exclusive: bool = False) -> None:
+        spool.flush()
+        source = FileSource(open(spool.path, "rb"))
+        try:
+            writer = await self.backend.open_write(bucket, stored_key)
+        except BaseException:
+            source.close()
+            raise
+        try:
+            while True:
+                chunk = await source.read(CHUNK)
+                if not chunk:
+                    break
+                await writer.write(chunk)
+            await writer.commit(meta, exclusive=exclusive)
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            source.close()
+
+    async def _drop_reference(self, bucket: str, ds: str) -> None:
+        await self.backend.delete(bucket, reference_key(ds))
+        self.references.evict(bucket, ds)
+
+    # -- reads ------------------------------------------------------------------
     async def head(self, bucket: str, key: str) -> Optional[ObjectVersion]:
         """The current version of C{key}: the newer of its passthrough and delta blobs."""
         okey = ObjectKey(key)
@@ -128,17 +388,85 @@ class ObjectStore:
 
     async def open(self, bucket: str, version: ObjectVersion, offset: int = 0,
                    length: Optional[int] = None):
-        """An L{IByteSource} over the original bytes of C{version}."""
-        if version.metadata.note == DELTA:
-            raise NotImplementedError("delta reconstruction arrives with the delta engine")
-        return await self.backend.open_read(bucket, version.stored.key, offset, length)
+        """An L{IByteSource} over the original bytes of C{version} (or a slice)."""
+        if version.metadata.note != DELTA:
+            return await self.backend.open_read(bucket, version.stored.key, offset, length)
+        out = await self._reconstruct(bucket, version)
+        return out.source(offset, length)
 
+    async def _reconstruct(self, bucket: str, version: ObjectVersion) -> SpoolFile:
+        """Rebuild a delta object into the spool and check its SHA-256."""
+        meta = version.metadata
+        ds = ObjectKey(version.key).deltaspace
+        ref = await self._reference(bucket, ds)
+        if ref is None:
+            log.error("Delta {bucket}/{key} has no reference in its deltaspace",
+                      bucket=bucket, key=version.key)
+            raise IntegrityError("missing reference")
+        out = self.spool.create("out")
+        sha = hashlib.sha256()
+
+        def sink(data: bytes) -> None:
+            out.write(data)
+            sha.update(data)
+
+        started = time.monotonic()
+        try:
+            source = await self.backend.open_read(bucket, version.stored.key)
+            if source is None:
+                raise IntegrityError("delta blob vanished")
+            run = await self.codec.start("decode", ref.path, sink, cap=meta.file_size)
+            try:
+                while run.failed is None:
+                    chunk = await source.read(CHUNK)
+                    if not chunk:
+                        break
+                    await run.write(chunk)
+                await run.finish()
+            except CodecError as e:
+                run.abort()
+                self.references.evict(bucket, ds)
+                log.error("Rebuilding {bucket}/{key} failed: {error}", bucket=bucket,
+                          key=version.key, error=str(e))
+                raise IntegrityError(str(e)) from None
+            finally:
+                source.close()
+            actual = sha.hexdigest()
+            if out.size != meta.file_size or actual != meta.file_sha256:
+                self.references.evict(bucket, ds)
+                log.error("Rebuilt {bucket}/{key} fails its checksum: expected {size} bytes "
+                          "sha256 {expected}, got {actual_size} bytes sha256 {actual}",
+                          bucket=bucket, key=version.key, size=meta.file_size,
+                          expected=meta.file_sha256, actual_size=out.size, actual=actual)
+                raise IntegrityError("checksum mismatch")
+            self.stats.decode_seconds.append(time.monotonic() - started)
+            return out
+        except BaseException:
+            out.release()
+            raise
+        finally:
+            ref.release()
+
+    # -- deletes ------------------------------------------------------------------
     async def delete(self, bucket: str, key: str) -> bool:
+        """Delete both variants of C{key}; the last object out takes the reference."""
         okey = ObjectKey(key)
         a = await self.backend.delete(bucket, okey.passthrough_key)
         b = await self.backend.delete(bucket, okey.delta_key)
+        if a or b:
+            await self.locks.run((self.backend.name, bucket, okey.deltaspace),
+                                 lambda: self._reclaim(bucket, okey.deltaspace))
         return a or b
 
+    async def _reclaim(self, bucket: str, ds: str) -> None:
+        prefix = f"{ds}/" if ds else ""
+        objects, _ = await self.backend.list(bucket, prefix, "/")
+        if any(user_key_of(o.key) is not None for o in objects):
+            return
+        if any(o.key == reference_key(ds) for o in objects):
+            await self._drop_reference(bucket, ds)
+
+    # -- listing -----------------------------------------------------------------
     async def list(self, bucket: str, prefix: str, delimiter: Optional[str]):
         """(versions sorted by key, common prefixes) under C{prefix}."""
         backend_delim = "/" if delimiter == "/" else None

@@ -11,6 +11,8 @@ from zope.interface import implementer
 
 from dgproxy.auth.authenticator import Authenticator, AuthFailure
 from dgproxy.auth.sigv4 import SignedRequest
+from dgproxy.engine.codec import CodecBusy
+from dgproxy.engine.store import IntegrityError
 from dgproxy.http.site import IRequestHandler
 from dgproxy.s3 import errors
 from dgproxy.s3.call import Response, S3Call, parse_query
@@ -75,6 +77,14 @@ class S3Front:
         except ClientDisconnected:
             log.info("Client disconnected mid-request {request_id}", request_id=request.request_id)
             return
+        except CodecBusy as e:
+            log.warn("Codec saturated on {request_id}: {error}", request_id=request.request_id,
+                     error=str(e))
+            response = self.error_response(errors.SlowDown(), resource, request.request_id)
+        except IntegrityError as e:
+            log.error("Integrity failure on {request_id}: {error}", request_id=request.request_id,
+                      error=str(e))
+            response = self.error_response(errors.InternalError(), resource, request.request_id)
         except StorageError as e:
             log.error("Storage error on {request_id}: {error}", request_id=request.request_id,
                       error=str(e))

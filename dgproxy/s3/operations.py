@@ -218,7 +218,7 @@ class Operations:
 
     async def put_object(self, call: S3Call) -> Response:
         check_key(call.key, ingest=True)
-        self._content_length(call)
+        length = self._content_length(call)
         expected_md5 = self._content_md5(call)
         user_meta = self._user_metadata(call)
         if call.header("if-none-match") is not None or call.header("if-match") is not None:
@@ -228,7 +228,8 @@ class Operations:
             raise errors.NoSuchBucket(BucketName=call.bucket)
         body = wrap_body(call.request.accept_body(), call.request.header_map(), call.auth)
         meta = await self._store(call, body, content_type=call.header("content-type"),
-                                 user_metadata=user_meta, expected_md5=expected_md5)
+                                 user_metadata=user_meta, expected_md5=expected_md5,
+                                 size_hint=length)
         return Response(200, [("ETag", meta.etag)])
 
     async def _store(self, call: S3Call, body, **kwargs):
@@ -331,7 +332,8 @@ class Operations:
         source = await self.store.open(src_bucket, source_version)
         if source is None:
             raise errors.NoSuchKey(Key=src_key)
-        meta = await self._store(call, source, content_type=content_type, user_metadata=user_meta)
+        meta = await self._store(call, source, content_type=content_type, user_metadata=user_meta,
+                                 size_hint=source_version.size)
         body = ("<CopyObjectResult>" + xmlio.el("LastModified", xmlio.iso8601(meta.created_at)) +
                 xmlio.el("ETag", meta.etag) + "</CopyObjectResult>")
         return Response(200, list(XML), (xmlio.XML_HEAD + body).encode("utf-8"))

@@ -22,11 +22,11 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from dgproxy.storage.interface import (
-    BucketInfo, BucketMissing, BucketNotEmptyError, IBackend, IObjectWriter,
+    AlreadyExists, BucketInfo, BucketMissing, BucketNotEmptyError, IBackend, IObjectWriter,
     KeyConflict, StorageError, StoredObject)
 from dgproxy.storage.metadata import (
     REFERENCE_NAME, XATTR_NAME, MetadataError, ObjectMetadata)
-from dgproxy.streams import FileSource
+from dgproxy.streams import FileSink, FileSource
 
 log = Logger()
 
@@ -37,7 +37,6 @@ XATTR_HELP = ("Data directory does not support extended attributes. "
               "{path}: {reason}. dgproxy stores object metadata in the user.dg.metadata "
               "xattr; use ext4, XFS, Btrfs, ZFS or APFS (not tmpfs, FAT32, exFAT, or NFS "
               "without xattr support), or switch to the S3 backend.")
-WRITE_BATCH = 1024 * 1024
 
 
 class XattrUnsupported(Exception):
@@ -98,62 +97,55 @@ class _FileWriter:
     def __init__(self, target: str, temp: str, fileobj):
         self._target = target
         self._temp = temp
-        self._file = fileobj
-        self._pending: list[bytes] = []
-        self._pending_size = 0
-        self._inflight: Optional[defer.Deferred] = None
+        self._sink = FileSink(fileobj)
         self._done = False
-        self.size = 0
+
+    @property
+    def size(self) -> int:
+        return self._sink.size
 
     def write(self, data: bytes) -> defer.Deferred:
-        self.size += len(data)
-        self._pending.append(data)
-        self._pending_size += len(data)
-        if self._pending_size < WRITE_BATCH:
-            return defer.succeed(None)
-        return defer.ensureDeferred(self._flush())
+        return self._sink.write(data)
 
-    async def _flush(self) -> None:
-        """Start one threaded write once the previous one is done; at most
-        one write is in flight while the next batch fills."""
-        if self._inflight is not None:
-            await self._inflight
-        batch = b"".join(self._pending)
-        self._pending, self._pending_size = [], 0
-        self._inflight = deferToThread(self._file.write, batch)
-
-    async def commit(self, metadata: ObjectMetadata) -> None:
-        if self._pending:
-            await self._flush()
-        if self._inflight is not None:
-            await self._inflight
-        await deferToThread(self._finish, metadata.to_json())
+    async def commit(self, metadata: ObjectMetadata, exclusive: bool = False) -> None:
+        """Publish the blob; with C{exclusive}, fail with L{AlreadyExists}
+        rather than replace an existing one (a create-if-absent that holds
+        across processes sharing the directory)."""
+        try:
+            await self._sink.flush()
+            await deferToThread(self._finish, metadata.to_json(), exclusive)
+        except BaseException:
+            self.abort()
+            raise
         self._done = True
 
-    def _finish(self, meta: bytes) -> None:
+    def _finish(self, meta: bytes, exclusive: bool) -> None:
+        f = self._sink.file
         try:
-            self._file.flush()
-            _set_xattr(self._file.fileno(), meta)
-            os.fsync(self._file.fileno())
-            self._file.close()
-            os.rename(self._temp, self._target)
+            _set_xattr(f.fileno(), meta)
+            os.fsync(f.fileno())
+            f.close()
+            if exclusive:
+                try:
+                    os.link(self._temp, self._target)
+                except FileExistsError:
+                    raise AlreadyExists(self._target) from None
+                os.unlink(self._temp)
+            else:
+                os.rename(self._temp, self._target)
             _fsync_dir(os.path.dirname(self._target))
         except OSError as e:
-            self._discard()
             if e.errno == errno.ENOSPC:
                 raise StorageError("insufficient storage space") from e
             raise
 
     def abort(self) -> None:
-        if not self._done:
-            self._done = True
-            if self._inflight is not None:
-                self._inflight.addErrback(lambda _: None)
-            self._discard()
-
-    def _discard(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._sink.discard()
         try:
-            self._file.close()
+            self._sink.file.close()
         except OSError:
             pass
         try:

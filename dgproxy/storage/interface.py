@@ -29,6 +29,10 @@ class BucketNotEmptyError(StorageError):
     """DeleteBucket on a bucket that still holds objects."""
 
 
+class AlreadyExists(StorageError):
+    """An exclusive commit found the key already present."""
+
+
 class KeyConflict(StorageError):
     """The key cannot be stored because part of its path is an object."""
 
@@ -55,8 +59,9 @@ class IObjectWriter(Interface):
     def write(data: bytes):
         """Append data; the returned Deferred fires when more may be written."""
 
-    def commit(metadata: ObjectMetadata):
-        """Make the blob and its metadata visible atomically and durably."""
+    def commit(metadata: ObjectMetadata, exclusive: bool = False):
+        """Make the blob and its metadata visible atomically and durably;
+        with C{exclusive}, fail with L{AlreadyExists} instead of replacing."""
 
     def abort():
         """Throw the partial blob away. Safe after commit (does nothing)."""
