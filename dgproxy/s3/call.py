@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Optional
-from urllib.parse import unquote
 
+from dgproxy.auth import sigv4
 from dgproxy.s3.names import Target
 
 
@@ -20,20 +20,15 @@ class Response:
 
 
 def parse_query(raw: bytes) -> dict[str, str]:
-    """Query parameters, percent-decoded; '+' stays '+' (S3 clients send %20)."""
+    """Query parameters decoded exactly as the signature check decoded them
+    (so '+' is a space); the first of repeated names wins; names or values
+    that are not UTF-8 are dropped."""
     out: dict[str, str] = {}
-    if not raw:
-        return out
-    for part in raw.split(b"&"):
-        if not part:
-            continue
-        name, _, value = part.partition(b"=")
+    for name, value in sigv4.parse_query(raw):
         try:
-            k = unquote(name.decode("utf-8"), errors="strict")
-            v = unquote(value.decode("utf-8"), errors="strict")
+            out.setdefault(name.decode("utf-8"), value.decode("utf-8"))
         except UnicodeDecodeError:
             continue
-        out.setdefault(k, v)
     return out
 
 

@@ -575,3 +575,38 @@ class PropertyTests(Helpers, unittest.TestCase):
                             (req.raw_query + b"&" if req.raw_query else b"") + more,
                             req.headers)
         self.assertRefused(bad, "invalid_signature", "AccessDenied", 403)
+
+
+AWS_DOC_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+AWS_DOC_NOW = dt.datetime(2013, 5, 24, 0, 1, tzinfo=dt.timezone.utc)
+
+
+class AwsDocumentationVectorTests(unittest.TestCase):
+    """The worked examples of the S3 SigV4 documentation, as an oracle
+    independent of botocore."""
+
+    def _lookup(self, akid):
+        return AWS_DOC_SECRET if akid == "AKIAIOSFODNN7EXAMPLE" else None
+
+    def test_get_object_header_auth(self):
+        req = SignedRequest("GET", b"/test.txt", b"", {
+            "host": ["examplebucket.s3.amazonaws.com"], "range": ["bytes=0-9"],
+            "x-amz-content-sha256": [sigv4.EMPTY_SHA256], "x-amz-date": ["20130524T000000Z"],
+            "authorization": [
+                "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/"
+                "aws4_request,SignedHeaders=host;range;x-amz-content-sha256;x-amz-date,"
+                "Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"]})
+        self.assertEqual(verify(req, self._lookup, AWS_DOC_NOW, SKEW).access_key_id,
+                         "AKIAIOSFODNN7EXAMPLE")
+
+    def test_presigned_get(self):
+        query = (b"X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAIOSFODNN7EXAMPLE"
+                 b"%2F20130524%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=20130524T000000Z"
+                 b"&X-Amz-Expires=86400&X-Amz-SignedHeaders=host&X-Amz-Signature="
+                 b"aeeed9bbccd4d02ee5c0109b86d86835f995330da4c265957d157751f604d404")
+        req = SignedRequest("GET", b"/test.txt", query,
+                            {"host": ["examplebucket.s3.amazonaws.com"]})
+        self.assertTrue(verify(req, self._lookup, AWS_DOC_NOW, SKEW).presigned)
+        with self.assertRaises(AuthFailure) as cm:
+            verify(req, self._lookup, AWS_DOC_NOW + dt.timedelta(days=1), SKEW)
+        self.assertEqual(cm.exception.reason, "expired_presigned")
