@@ -114,6 +114,45 @@ class SignedPayloadSource:
         self._source.close()
 
 
+# -- x-amz-checksum-* request headers ---------------------------------------
+
+@implementer(IByteSource)
+class HeaderChecksumSource:
+    """Passes a body through; at its end, checks an C{x-amz-checksum-*} header
+    (SDKs send one with every PutObject/UploadPart)."""
+
+    def __init__(self, source, name: str, expected_b64: str):
+        self._source = source
+        self._name = name
+        self._hash = CHECKSUMS[name]()
+        try:
+            self._expected = base64.b64decode(expected_b64, validate=True)
+        except ValueError:
+            raise InvalidArgument(f"Value for {name} header is invalid.") from None
+
+    def read(self, size: int = CHUNK) -> defer.Deferred:
+        return self._source.read(size).addCallback(self._seen)
+
+    def _seen(self, data: bytes) -> bytes:
+        if data:
+            self._hash.update(data)
+            return data
+        if not hmac.compare_digest(self._hash.digest(), self._expected):
+            raise BadDigest(f"The {self._name} you specified did not match the calculated checksum.")
+        return b""
+
+    def close(self) -> None:
+        self._source.close()
+
+
+def _with_header_checksums(source, headers: Mapping[str, list[str]]):
+    for name in CHECKSUMS:
+        value = _first(headers, name)
+        if value is not None:
+            source = HeaderChecksumSource(source, name, value)
+    return source
+
+
 # -- aws-chunked ------------------------------------------------------------
 
 _HEADER, _DATA, _DONE = "header", "data", "done"
@@ -343,9 +382,9 @@ def wrap_body(source, headers: Mapping[str, list[str]], auth: Optional[AuthResul
     if auth is not None and not auth.presigned:
         value = auth.payload_hash
     if value is None or value == UNSIGNED_PAYLOAD:
-        return source
+        return _with_header_checksums(source, headers)
     if _HEX64.fullmatch(value):
-        return SignedPayloadSource(source, value)
+        return _with_header_checksums(SignedPayloadSource(source, value), headers)
     if not value.startswith("STREAMING-"):
         raise InvalidArgument("x-amz-content-sha256 must be UNSIGNED-PAYLOAD, "
                               "a STREAMING- value or a valid sha256 value")
@@ -357,8 +396,9 @@ def wrap_body(source, headers: Mapping[str, list[str]], auth: Optional[AuthResul
         raise InvalidArgument(f"Invalid x-amz-decoded-content-length: {decoded}")
     signing = None
     if value in (STREAMING_SIGNED, STREAMING_SIGNED_TRAILER):
+        # Without auth (open access) the framing is decoded but not verified.
         signing = auth.chunk_signing if auth is not None else None
-        if signing is None:
+        if signing is None and auth is not None:
             raise InvalidArgument(f"{value} requires an Authorization header signature")
     elif value != STREAMING_UNSIGNED_TRAILER:
         raise InvalidArgument(f"Unsupported x-amz-content-sha256 value {value}")

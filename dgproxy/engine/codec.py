@@ -224,12 +224,23 @@ class Codec:
 
     async def start(self, mode: str, source_path: str, sink: Callable[[bytes], None],
                     cap: Optional[int] = None) -> CodecRun:
-        """Take a slot and start C{xdelta3 -e|-d -D -s SOURCE -c}.
+        """Take a slot (waiting a bounded time) and start C{xdelta3 -e|-d -D -s SOURCE -c}.
 
         The slot is released when the child ends, whatever the outcome."""
         if mode not in ("encode", "decode"):
             raise ValueError(mode)
         await self._acquire()
+        return self._spawn(mode, source_path, sink, cap)
+
+    def try_start(self, mode: str, source_path: str, sink: Callable[[bytes], None],
+                  cap: Optional[int] = None) -> Optional[CodecRun]:
+        """Like L{start}, but only if a slot is free right now; else None."""
+        if self.semaphore.tokens <= 0:
+            return None
+        self.semaphore.acquire()  # fires synchronously: a token is free
+        return self._spawn(mode, source_path, sink, cap)
+
+    def _spawn(self, mode: str, source_path: str, sink, cap) -> CodecRun:
         run = CodecRun(self._reactor, sink, cap, self.stall_timeout, self.semaphore.release)
         flag = "-e" if mode == "encode" else "-d"
         args = [self.binary, flag, "-D", "-q", "-s", source_path, "-c"]

@@ -202,9 +202,11 @@ class ObjectStore:
         try:
             ref = await self._reference(bucket, ds)
             if ref is not None and size_hint:
+                # Encode while the body arrives, if a codec slot is free now;
+                # otherwise encode from the spool once it is complete.
                 delta = self.spool.create("delta")
-                run = await self.codec.start("encode", ref.path, delta.write,
-                                             cap=int(size_hint * ratio))
+                run = self.codec.try_start("encode", ref.path, delta.write,
+                                           cap=int(size_hint * ratio))
             started = time.monotonic()
             source = HashingSource(body)
             try:
@@ -228,6 +230,7 @@ class ObjectStore:
             if expected_md5 is not None and received.md5 != expected_md5:
                 raise ChecksumMismatch(received.md5)
             delta_size = None
+            encoded = run is not None
             if run is not None:
                 delta_size = await self._finish_encode(run)
                 self.stats.encode_seconds.append(time.monotonic() - started)
@@ -236,8 +239,10 @@ class ObjectStore:
                 return await self.locks.run(
                     (self.backend.name, bucket, ds),
                     lambda: self._put_first(bucket, okey, received, ratio, fields))
-            if delta_size is None:
-                delta = delta or self.spool.create("delta")
+            if not encoded:
+                if delta is not None:
+                    delta.release()
+                delta = self.spool.create("delta")
                 delta_size = await self._encode_file(ref.path, spool, delta, received.size, ratio)
             return await self._decide(bucket, okey, received, ref, delta, delta_size, ratio,
                                       fields)
