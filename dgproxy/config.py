@@ -47,6 +47,21 @@ class BucketPolicy:
 
 
 @dataclass(frozen=True)
+class BackendConfig:
+    """One storage backend from C{storage.backends[]} (or the singleton)."""
+
+    name: str
+    type: str  # "filesystem" | "s3"
+    path: Optional[str] = None
+    endpoint: Optional[str] = None
+    region: str = "us-east-1"
+    force_path_style: bool = True
+    access_key_id: Optional[str] = None
+    secret_access_key: Optional[str] = None
+    encryption: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the service is built from; see SPEC §1."""
 
@@ -85,6 +100,9 @@ class Config:
     spool_dir: Optional[str] = None
     drain_timeout_secs: int = 30
     virtual_host_domains: tuple[str, ...] = ("localhost",)
+    named_backends: tuple[BackendConfig, ...] = ()
+    singleton_backend: Optional[BackendConfig] = None
+    default_backend: Optional[str] = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -97,6 +115,24 @@ class Config:
 
     def bucket_policy(self, name: str) -> BucketPolicy:
         return self.buckets.get(name, BucketPolicy())
+
+    @property
+    def backends(self) -> tuple[BackendConfig, ...]:
+        """Every backend: the named ones, or the single default one."""
+        if self.named_backends:
+            return self.named_backends
+        if self.singleton_backend is not None and self.singleton_backend.type == "s3":
+            return (self.singleton_backend,)
+        if self.s3_endpoint:
+            return (BackendConfig("default", "s3", endpoint=self.s3_endpoint,
+                                  region=self.s3_region,
+                                  access_key_id=self.backend_access_key_id,
+                                  secret_access_key=self.backend_secret_access_key),)
+        return (BackendConfig("default", "filesystem", path=self.data_dir),)
+
+    @property
+    def default_backend_name(self) -> str:
+        return self.default_backend or self.backends[0].name
 
 
 def parse_listen_addr(value: str, key: str, source: str) -> tuple[str, int]:
@@ -115,6 +151,8 @@ _ACCESS_KEYS = {"iam_mode", "authentication", "access_key_id", "secret_access_ke
 _STORAGE_KEYS = {"backend", "filesystem", "backends", "default_backend", "buckets",
                  "s3", "region", "force_path_style", "access_key_id",
                  "secret_access_key", "backend_encryption", "replication", "lifecycle"}
+_BACKEND_KEYS = {"name", "type", "path", "endpoint", "region", "force_path_style",
+                 "access_key_id", "secret_access_key", "allow_local", "encryption"}
 _BUCKET_KEYS = {"compression", "max_delta_ratio", "backend", "alias", "public_prefixes",
                 "public", "quota_bytes", "replication_target_only"}
 # advanced key -> (Config field, converter)
@@ -266,6 +304,29 @@ def _parse_bucket(name: str, spec: Any, source: str) -> BucketPolicy:
     )
 
 
+def _parse_backend(spec: Any, key: str, source: str, name: Optional[str] = None) -> BackendConfig:
+    spec = _mapping(spec, key, source)
+    _check_keys(spec, _BACKEND_KEYS, key + ".", source)
+    name = name or spec.get("name")
+    if not name or not isinstance(name, str):
+        raise ConfigError(key + ".name", source, "every backend needs a name")
+    kind = spec.get("type", "filesystem")
+    if kind not in ("filesystem", "s3"):
+        raise ConfigError(key + ".type", source, "must be 'filesystem' or 's3'")
+    endpoint = spec.get("endpoint")
+    if kind == "s3" and endpoint and not str(endpoint).startswith(("http://", "https://")):
+        raise ConfigError(key + ".endpoint", source, "must start with http:// or https://")
+    if kind == "filesystem" and ".." in str(spec.get("path", "")).split("/"):
+        raise ConfigError(key + ".path", source, "must not contain '..'")
+    return BackendConfig(
+        name=name, type=kind, path=spec.get("path") or ("./data" if kind == "filesystem" else None),
+        endpoint=endpoint, region=str(spec.get("region", "us-east-1")),
+        force_path_style=_convert(spec.get("force_path_style", True), "bool",
+                                  key + ".force_path_style", source),
+        access_key_id=spec.get("access_key_id"), secret_access_key=spec.get("secret_access_key"),
+        encryption=_mapping(spec.get("encryption"), key + ".encryption", source))
+
+
 def from_mapping(doc: Mapping[str, Any], source: str, env: Mapping[str, str]) -> Config:
     """Build a L{Config} from a parsed YAML document and an environment."""
     doc = _mapping(doc, "<document>", source)
@@ -284,17 +345,48 @@ def from_mapping(doc: Mapping[str, Any], source: str, env: Mapping[str, str]) ->
 
     storage = _mapping(doc.get("storage"), "storage", source)
     _check_keys(storage, _STORAGE_KEYS, "storage.", source)
+    shorthands = [k for k in ("backend", "filesystem", "s3") if storage.get(k) is not None]
+    if len(shorthands) > 1:
+        raise ConfigError("storage." + shorthands[1], source,
+                          "set only one of backend / filesystem / s3")
     if storage.get("filesystem") is not None:
-        if storage.get("backend") is not None:
-            raise ConfigError("storage.filesystem", source, "set only one of backend / filesystem / s3")
         values["data_dir"] = str(storage["filesystem"])
-    backend = storage.get("backend")
-    if backend is not None:
-        backend = _mapping(backend, "storage.backend", source)
-        if backend.get("type", "filesystem") == "filesystem" and backend.get("path"):
-            values["data_dir"] = str(backend["path"])
+    elif storage.get("s3") is not None:
+        values["singleton_backend"] = _parse_backend(
+            {"type": "s3", "endpoint": storage["s3"],
+             **{k: storage[k] for k in ("region", "force_path_style", "access_key_id",
+                                        "secret_access_key") if k in storage}},
+            "storage.s3", source, name="default")
+    elif storage.get("backend") is not None:
+        single = _parse_backend(storage["backend"], "storage.backend", source, name="default")
+        if single.type == "filesystem":
+            if single.path:
+                values["data_dir"] = single.path
+        else:
+            values["singleton_backend"] = single
+    backends = storage.get("backends") or []
+    if not isinstance(backends, list):
+        raise ConfigError("storage.backends", source, "expected a list")
+    named = tuple(_parse_backend(b, f"storage.backends[{i}]", source)
+                  for i, b in enumerate(backends))
+    names = [b.name for b in named]
+    for n in names:
+        if names.count(n) > 1:
+            raise ConfigError("storage.backends", source, f"duplicate backend name {n!r}")
+    values["named_backends"] = named
+    if storage.get("default_backend") is not None:
+        default = str(storage["default_backend"])
+        if default not in names:
+            raise ConfigError("storage.default_backend", source,
+                              f"names backend {default!r}, which is not in storage.backends")
+        values["default_backend"] = default
     buckets = _mapping(storage.get("buckets"), "storage.buckets", source)
     values["buckets"] = {str(n): _parse_bucket(str(n), s, source) for n, s in buckets.items()}
+    for bname, policy in values["buckets"].items():
+        if policy.backend is not None and policy.backend not in names and policy.backend != "default":
+            raise ConfigError(f"storage.buckets.{bname}.backend", source,
+                              f"bucket {bname!r} is routed to backend {policy.backend!r}, "
+                              "which is not defined in storage.backends")
 
     advanced = _mapping(doc.get("advanced"), "advanced", source)
     _check_keys(advanced, set(_ADVANCED) | _IGNORED_ADVANCED, "advanced.", source)

@@ -26,6 +26,9 @@ from dgproxy.http.site import DGSite
 from dgproxy.s3.front import S3Front
 from dgproxy.s3.operations import Operations
 from dgproxy.storage.filesystem import FilesystemBackend, XattrUnsupported
+from dgproxy.storage.interface import StorageError
+from dgproxy.storage.routing import RoutingBackend
+from dgproxy.storage.s3 import S3Backend, S3Client, probe_blocking
 
 log = Logger(namespace="dgproxy")
 
@@ -68,23 +71,57 @@ class DrainingService(service.MultiService):
         return d
 
 
+def build_backends(config: Config, spool: Spool):
+    """Every configured backend, checked, behind a router when there are
+    several or any bucket is routed; returns (backend, start-up log lines)."""
+    backends = {}
+    lines = []
+    for bc in config.backends:
+        if bc.type == "filesystem":
+            fs = FilesystemBackend(bc.path or config.data_dir, bc.name)
+            try:
+                swept = fs.prepare()
+            except XattrUnsupported as e:
+                raise Fatal(str(e)) from None
+            except OSError as e:
+                raise Fatal(f"Cannot use data directory {fs.root}: {e.strerror}") from None
+            backends[bc.name] = fs
+            lines.append(f"Backend '{bc.name}': filesystem at {fs.root} "
+                         f"({swept} stale temp file(s) swept)")
+        else:
+            client = S3Client(reactor, bc.name, bc.endpoint or "https://s3.amazonaws.com",
+                              bc.region, bc.access_key_id, bc.secret_access_key,
+                              bc.force_path_style)
+            try:
+                probe_blocking(client)
+            except StorageError as e:
+                raise Fatal(f"S3 backend '{bc.name}' at {client.endpoint} failed its start-up "
+                            f"check: {e}") from None
+            backends[bc.name] = S3Backend(client, spool)
+            lines.append(f"Backend '{bc.name}': S3 at {client.endpoint} (region {bc.region})")
+    default = config.default_backend_name
+    routes = {}
+    for bucket, policy in config.buckets.items():
+        if policy.backend is not None:
+            target = default if policy.backend == "default" else policy.backend
+            routes[bucket] = (target, policy.alias or bucket)
+            lines.append(f"Bucket '{bucket}' → backend '{target}' as '{policy.alias or bucket}'")
+    for bucket, policy in config.buckets.items():
+        name, real = routes.get(bucket, (default, bucket))
+        if isinstance(backends[name], FilesystemBackend):
+            try:
+                os.makedirs(os.path.join(backends[name].root, real, "deltaspaces"), exist_ok=True)
+            except OSError as e:
+                raise Fatal(f"Cannot create declared bucket {bucket!r}: {e.strerror}") from None
+    if len(backends) == 1 and not routes:
+        return backends[default], lines
+    return RoutingBackend(backends, default, routes), lines
+
+
 def build(config: Config) -> DrainingService:
     """Check the configuration and the environment, then build the service."""
     if not config.open_access and not config.access_key_id:
         raise Fatal(NO_AUTH_MESSAGE)
-    backend = FilesystemBackend(config.data_dir)
-    try:
-        swept = backend.prepare()
-    except XattrUnsupported as e:
-        raise Fatal(str(e)) from None
-    except OSError as e:
-        raise Fatal(f"Cannot use data directory {config.data_dir}: {e.strerror}") from None
-    for name in config.buckets:
-        try:
-            os.makedirs(os.path.join(backend.root, name, "deltaspaces"), exist_ok=True)
-        except OSError as e:
-            raise Fatal(f"Cannot create declared bucket {name!r}: {e.strerror}") from None
-
     try:
         xdelta3_version = check_xdelta3()
     except RuntimeError as e:
@@ -94,6 +131,7 @@ def build(config: Config) -> DrainingService:
         spool_swept = spool.prepare()
     except OSError as e:
         raise Fatal(f"Cannot use spool directory {spool.directory}: {e.strerror}") from None
+    backend, descriptions = build_backends(config, spool)
     codec = Codec(reactor, config.codec_concurrency)
     cache = ReferenceCache(config.cache_mb * 1024 * 1024)
     store = ObjectStore(backend, config.max_object_size, DeltaPolicy.from_config(config), codec,
@@ -113,8 +151,8 @@ def build(config: Config) -> DrainingService:
 
     log.info("dgproxy {version} listening on {addr}", version=__version__, addr=config.listen_addr)
     log.info("Config: {source}", source=config.source)
-    log.info("Backend 'default': filesystem at {root} ({swept} stale temp file(s) swept)",
-             root=backend.root, swept=swept)
+    for line in descriptions:
+        log.info("{line}", line=line)
     log.info("Reference cache: {mb} MB; codec slots: {slots} ({xdelta3}); spool: {spool} "
              "({spool_swept} stale file(s) swept)", mb=config.cache_mb,
              slots=config.codec_concurrency, xdelta3=xdelta3_version, spool=spool.directory,

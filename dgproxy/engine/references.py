@@ -108,19 +108,14 @@ class References:
     def remember(self, bucket: str, deltaspace: str, sha256: str, data: bytes) -> None:
         self.cache.put(self._key(bucket, deltaspace), sha256, data)
 
-    async def metadata(self, bucket: str, deltaspace: str) -> Optional[ObjectMetadata]:
+    async def materialise(self, bucket: str, deltaspace: str) -> Optional[ReferenceFile]:
+        """The reference as a local file, or None when the deltaspace has none."""
         stored = await self.backend.stat(bucket, reference_key(deltaspace))
         if stored is None:
             return None
         if stored.metadata is None:
             raise ReferenceCorrupt(f"{bucket}/{reference_key(deltaspace)} has no metadata")
-        return stored.metadata
-
-    async def materialise(self, bucket: str, deltaspace: str) -> Optional[ReferenceFile]:
-        """The reference as a local file, or None when the deltaspace has none."""
-        meta = await self.metadata(bucket, deltaspace)
-        if meta is None:
-            return None
+        meta = stored.metadata
         key = self._key(bucket, deltaspace)
         cached = self.cache.get(key, meta.file_sha256)
         spool = self.spool.create("ref")
@@ -134,7 +129,7 @@ class References:
                 spool.release()
                 return None
             sha = hashlib.sha256()
-            keep = [] if self.cache.admits(meta.file_size) else None
+            keep = [] if self.cache.admits(stored.size) else None
             try:
                 while True:
                     chunk = await source.read(CHUNK)

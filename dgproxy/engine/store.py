@@ -79,9 +79,14 @@ class ObjectVersion:
 
 
 def unmanaged_metadata(stored: StoredObject, name: str) -> ObjectMetadata:
-    """Metadata for a blob without ours: size and time from the backend,
-    the Rust proxy's synthetic ETag (fact sheet storage §2.2)."""
-    if stored.size == 0:
+    """Metadata for a blob without ours: size, time and ETag from the backend
+    (on a filesystem, the Rust proxy's synthetic ETag, fact sheet storage §2.2)."""
+    multipart = None
+    if stored.etag and "-" in stored.etag:
+        md5, multipart = "", f'"{stored.etag}"'
+    elif stored.etag and len(stored.etag) == 32:
+        md5 = stored.etag
+    elif stored.size == 0:
         md5 = EMPTY_MD5
     else:
         ts = stored.modified.timestamp()
@@ -90,7 +95,7 @@ def unmanaged_metadata(stored: StoredObject, name: str) -> ObjectMetadata:
         md5 = hashlib.sha256(raw).hexdigest()[:32]
     return ObjectMetadata(
         tool="", original_name=name, file_sha256="", file_size=stored.size,
-        md5=md5, created_at=stored.modified, note=PASSTHROUGH)
+        md5=md5, created_at=stored.modified, note=PASSTHROUGH, multipart_etag=multipart)
 
 
 def _effective(stored: StoredObject) -> ObjectMetadata:

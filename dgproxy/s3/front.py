@@ -18,7 +18,7 @@ from dgproxy.s3 import errors
 from dgproxy.s3.call import Response, S3Call, parse_query
 from dgproxy.s3.names import parse_target
 from dgproxy.s3.operations import Operations
-from dgproxy.storage.interface import StorageError
+from dgproxy.storage.interface import BackendUnavailable, StorageError, UpstreamError
 from dgproxy.streams import ClientDisconnected
 
 log = Logger(namespace="dgproxy.s3")
@@ -85,6 +85,16 @@ class S3Front:
             log.error("Integrity failure on {request_id}: {error}", request_id=request.request_id,
                       error=str(e))
             response = self.error_response(errors.InternalError(), resource, request.request_id)
+        except BackendUnavailable as e:
+            response = self.error_response(
+                errors.ServiceUnavailable(f"The storage backend '{e.backend}' is unavailable."),
+                resource, request.request_id)
+        except UpstreamError as e:
+            log.error("Upstream error on {request_id}: {error}", request_id=request.request_id,
+                      error=str(e))
+            error = (errors.S3Error(e.code, 503, e.message or "Please reduce your request rate.")
+                     if e.status == 503 else errors.InternalError())
+            response = self.error_response(error, resource, request.request_id)
         except StorageError as e:
             log.error("Storage error on {request_id}: {error}", request_id=request.request_id,
                       error=str(e))

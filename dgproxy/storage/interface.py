@@ -21,6 +21,24 @@ class StorageError(Exception):
     """A backend failed in a way the client cannot fix (disk full, I/O error)."""
 
 
+class BackendUnavailable(StorageError):
+    """The backend cannot be reached (or keeps failing); its buckets answer 503."""
+
+    def __init__(self, backend: str, detail: str):
+        super().__init__(f"backend '{backend}' is unavailable: {detail}")
+        self.backend = backend
+
+
+class UpstreamError(StorageError):
+    """An upstream S3 service answered with an error."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(f"upstream {status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
 class BucketMissing(StorageError):
     """The bucket does not exist on the backend."""
 
@@ -45,6 +63,7 @@ class StoredObject:
     size: int
     modified: datetime
     metadata: Optional[ObjectMetadata]
+    etag: Optional[str] = None  # the backend's own ETag, when it has one
 
 
 @dataclass(frozen=True)

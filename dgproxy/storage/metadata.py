@@ -149,3 +149,91 @@ class ObjectMetadata:
         if meta.file_size < 0:
             raise MetadataError("negative file_size")
         return meta
+
+
+# --- S3 user-metadata headers (fact sheet storage §2.3, §10.4) ------------------
+
+META_PREFIX = "x-amz-meta-"
+USER_PREFIX = "user-"
+
+
+def to_s3_headers(meta: ObjectMetadata, stored_key: str) -> dict[str, str]:
+    """The C{x-amz-meta-*} headers for C{meta}: the union of what the Rust
+    proxy and the Python C{deltaglider} tool read, so both can read it."""
+    h = {
+        "dg-tool": meta.tool,
+        "dg-original-name": meta.original_name,
+        "dg-file-sha256": meta.file_sha256,
+        "dg-file-size": str(meta.file_size),
+        "dg-md5": meta.md5,
+        "dg-created-at": format_timestamp(meta.created_at),
+        "dg-note": meta.note,
+    }
+    if meta.note == PASSTHROUGH:
+        h["dg-compression"] = "none"
+    elif meta.note == REFERENCE:
+        h["dg-source-name"] = meta.source_name or ""
+    elif meta.note == DELTA:
+        ds = stored_key.rpartition("/")[0]
+        h["dg-ref-path"] = REFERENCE_NAME
+        h["dg-ref-key"] = f"{ds}/{REFERENCE_NAME}" if ds else REFERENCE_NAME
+        h["dg-ref-sha256"] = meta.ref_sha256 or ""
+        h["dg-delta-size"] = str(meta.delta_size or 0)
+        h["dg-delta-cmd"] = meta.delta_cmd or ""
+    if meta.multipart_etag:
+        h["dg-multipart-etag"] = meta.multipart_etag
+    if meta.content_type:
+        h["content-type"] = meta.content_type
+    for k, v in meta.user_metadata.items():
+        h[USER_PREFIX + k.lower()] = v
+    return {META_PREFIX + k: v for k, v in h.items()}
+
+
+def _alias(bare: Mapping[str, str], *names: str) -> Optional[str]:
+    for name in names:
+        for variant in (f"dg-{name}", f"dg_{name.replace('-', '_')}", name.replace("-", "_"), name):
+            value = bare.get(variant)
+            if value:
+                return value
+    return None
+
+
+def from_s3_headers(headers: Mapping[str, str], size: int,
+                    last_modified: datetime) -> Optional[ObjectMetadata]:
+    """Our metadata from C{x-amz-meta-*} headers (lowercase names), written by
+    dgproxy, the Rust proxy or the Python tool; None when it is not ours."""
+    bare = {k[len(META_PREFIX):]: v for k, v in headers.items() if k.startswith(META_PREFIX)}
+    tool = _alias(bare, "tool")
+    name = _alias(bare, "original-name", "source-name")
+    sha = _alias(bare, "file-sha256")
+    if not tool or not name or not sha:
+        return None
+    note_raw = (_alias(bare, "note") or "").lower()
+    ref = _alias(bare, "ref-path", "ref-key")
+    if note_raw == REFERENCE:
+        note = REFERENCE
+    elif ref or note_raw == DELTA or note_raw.startswith("zero-diff"):
+        note = DELTA
+    else:
+        note = PASSTHROUGH
+    try:
+        created = parse_timestamp(_alias(bare, "created-at") or "")
+    except MetadataError:
+        created = last_modified
+    try:
+        file_size = int(_alias(bare, "file-size") or (size if note != DELTA else 0))
+        delta_size = _alias(bare, "delta-size")
+        delta_size = int(delta_size) if delta_size else (size if note == DELTA else None)
+    except ValueError:
+        return None
+    user = {k[len(USER_PREFIX):]: v for k, v in bare.items() if k.startswith(USER_PREFIX)}
+    return ObjectMetadata(
+        tool=tool, original_name=name, file_sha256=sha, file_size=file_size,
+        md5=bare.get("dg-md5", ""), created_at=created, note=note,
+        content_type=bare.get("content-type") or None, user_metadata=user,
+        multipart_etag=bare.get("dg-multipart-etag") or None,
+        source_name=_alias(bare, "source-name") if note == REFERENCE else None,
+        ref_path=REFERENCE_NAME if note == DELTA else None,
+        ref_sha256=_alias(bare, "ref-sha256") if note == DELTA else None,
+        delta_size=delta_size if note == DELTA else None,
+        delta_cmd=_alias(bare, "delta-cmd") if note == DELTA else None)

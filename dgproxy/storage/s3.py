@@ -1,0 +1,487 @@
+"""S3 backend: blobs in a real object store, spoken to with treq.
+
+Requests are signed with botocore's SigV4 signer (signing only; no boto3
+client in the server). Downloads stream from the upstream socket with
+backpressure. Uploads need their metadata in the request headers, and the
+metadata (size, MD5, SHA-256) is only known at the end of the body, so a
+writer spools to a local file and PUTs it at commit: memory stays bounded
+and nothing is visible upstream until the blob is complete.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from typing import Optional
+from urllib.parse import quote
+
+import treq
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+from defusedxml import ElementTree as SafeET
+from twisted.internet import defer, error as net_error, task
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.web.client import FileBodyProducer, HTTPConnectionPool, ResponseDone
+from twisted.web.client import _HTTP11ClientFactory
+from twisted.web.http import PotentialDataLoss
+from zope.interface import implementer
+
+from dgproxy.storage.interface import (
+    AlreadyExists, BackendUnavailable, BucketInfo, BucketMissing, BucketNotEmptyError, IBackend,
+    IObjectWriter, StoredObject, UpstreamError)
+from dgproxy.storage.metadata import (
+    DELTA_SUFFIX, REFERENCE_NAME, ObjectMetadata, from_s3_headers, to_s3_headers)
+from dgproxy.streams import BodyStream, ClientDisconnected
+
+log = Logger(namespace="dgproxy.storage.s3")
+
+UNSIGNED = "UNSIGNED-PAYLOAD"
+S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+LIST_HEAD_CONCURRENCY = 10
+
+
+def _http_date(value: Optional[str]) -> datetime:
+    try:
+        return parsedate_to_datetime(value).astimezone(timezone.utc)
+    except (TypeError, ValueError):
+        return datetime.now(timezone.utc)
+
+
+def _iso(value: str) -> datetime:
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(timezone.utc)
+    except ValueError:
+        return datetime.now(timezone.utc)
+
+
+class _StreamProtocol(Protocol):
+    """Feeds an upstream response body into a L{BodyStream}."""
+
+    def __init__(self):
+        self.stream: Optional[BodyStream] = None
+
+    def connectionMade(self):
+        self.stream = BodyStream(self.transport.pauseProducing, self.transport.resumeProducing)
+
+    def dataReceived(self, data: bytes):
+        self.stream.feed(data)
+
+    def connectionLost(self, reason):
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.stream.finish()
+        else:
+            self.stream.fail(ClientDisconnected(f"upstream body failed: {reason.value}"))
+
+
+class _ResponseSource:
+    """An L{IByteSource} over an upstream response body."""
+
+    def __init__(self, response):
+        self._proto = _StreamProtocol()
+        self._response = response
+        response.deliverBody(self._proto)
+
+    def read(self, size: int = 256 * 1024):
+        return self._proto.stream.read(size)
+
+    def close(self) -> None:
+        stream = self._proto.stream
+        if stream is not None and not stream.finished:
+            stream.close()
+            transport = getattr(self._proto, "transport", None)
+            if transport is not None:
+                try:
+                    transport.stopProducing()
+                except Exception:
+                    pass
+
+
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False  # no "Starting factory" line per upstream connection
+
+
+class S3Client:
+    """Signed requests to one S3 endpoint, with retries for idempotent calls."""
+
+    def __init__(self, reactor, name: str, endpoint: str, region: str, access_key: Optional[str],
+                 secret_key: Optional[str], path_style: bool = True,
+                 connect_timeout: float = 10.0, retries: int = 3):
+        self.reactor = reactor
+        self.name = name
+        self.endpoint = endpoint.rstrip("/")
+        self.region = region
+        self.path_style = path_style
+        self.credentials = Credentials(access_key or "", secret_key or "") if access_key else None
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool._factory = _QuietFactory
+        self.pool.maxPersistentPerHost = 32
+        self.pool.retryAutomatically = False
+        self.connect_timeout = connect_timeout
+        self.retries = retries
+
+    def url(self, bucket: Optional[str], key: Optional[str] = None,
+            query: Optional[dict] = None) -> str:
+        path = ""
+        base = self.endpoint
+        if bucket:
+            if self.path_style:
+                path = "/" + bucket
+            else:
+                scheme, _, host = base.partition("://")
+                base = f"{scheme}://{bucket}.{host}"
+        if key is not None:
+            path += "/" + quote(key, safe="/~")
+        url = base + (path or "/")
+        if query:
+            url += "?" + "&".join(
+                quote(k, safe="~") + ("=" + quote(v, safe="~") if v is not None else "")
+                for k, v in sorted(query.items()))
+        return url
+
+    def _signed_headers(self, method: str, url: str, headers: dict) -> dict:
+        req = AWSRequest(method=method, url=url, headers=dict(headers))
+        req.headers["x-amz-content-sha256"] = UNSIGNED
+        if self.credentials is not None:
+            S3SigV4Auth(self.credentials, "s3", self.region).add_auth(req)
+        return {k: [v] for k, v in req.headers.items()}
+
+    async def request(self, method: str, bucket: Optional[str], key: Optional[str] = None,
+                      query: Optional[dict] = None, headers: Optional[dict] = None,
+                      body_path: Optional[str] = None, idempotent: bool = True):
+        """Send one request; returns the (unbuffered) treq response.
+
+        Connection failures and 5xx answers are retried with backoff for
+        idempotent calls; a backend that stays unreachable raises
+        L{BackendUnavailable}."""
+        url = self.url(bucket, key, query)
+        attempts = self.retries if idempotent else 1
+        delay = 0.2
+        for attempt in range(1, attempts + 1):
+            data = None
+            hdrs = dict(headers or {})
+            if body_path is not None:
+                f = open(body_path, "rb")
+                hdrs["Content-Length"] = str(os.fstat(f.fileno()).st_size)
+                data = FileBodyProducer(f, readSize=256 * 1024)
+            try:
+                response = await treq.request(
+                    method, url, data=data, headers=self._signed_headers(method, url, hdrs),
+                    pool=self.pool, unbuffered=True, allow_redirects=False,
+                    timeout=self.connect_timeout if body_path is None else None,
+                    reactor=self.reactor)
+            except (net_error.ConnectError, net_error.ConnectionLost, net_error.TimeoutError,
+                    defer.CancelledError, net_error.DNSLookupError) as e:
+                if attempt == attempts:
+                    log.error("S3 backend '{backend}' at {endpoint} unreachable: {error}",
+                              backend=self.name, endpoint=self.endpoint, error=str(e))
+                    raise BackendUnavailable(self.name, str(e) or type(e).__name__) from None
+                await task.deferLater(self.reactor, delay, lambda: None)
+                delay *= 2
+                continue
+            except Exception as e:
+                if "ResponseNeverReceived" in type(e).__name__ or "RequestTransmissionFailed" in type(e).__name__:
+                    if attempt == attempts:
+                        raise BackendUnavailable(self.name, repr(e)) from None
+                    await task.deferLater(self.reactor, delay, lambda: None)
+                    delay *= 2
+                    continue
+                raise
+            finally:
+                if body_path is not None:
+                    f.close()
+            if response.code >= 500 and attempt < attempts:
+                await response.content()
+                await task.deferLater(self.reactor, delay, lambda: None)
+                delay *= 2
+                continue
+            return response
+        raise AssertionError("unreachable")
+
+    async def error_of(self, response) -> UpstreamError:
+        body = await response.content() if response.code != 304 else b""
+        code, message = f"HTTP{response.code}", ""
+        try:
+            root = SafeET.fromstring(body)
+            code = root.findtext("Code") or code
+            message = root.findtext("Message") or ""
+        except Exception:
+            pass
+        return UpstreamError(response.code, code, message)
+
+
+def _headers(response) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v[0].decode("latin-1")
+            for k, v in response.headers.getAllRawHeaders()}
+
+
+@implementer(IObjectWriter)
+class _SpoolingWriter:
+    """Spools a blob locally; L{commit} PUTs it with its metadata."""
+
+    def __init__(self, backend: "S3Backend", bucket: str, key: str, spool_file):
+        self._backend = backend
+        self._bucket = bucket
+        self._key = key
+        self._spool = spool_file
+        from dgproxy.streams import FileSink
+        self._sink = FileSink(spool_file.file)
+        self._done = False
+
+    def write(self, data: bytes):
+        return self._sink.write(data)
+
+    async def commit(self, metadata: ObjectMetadata, exclusive: bool = False) -> None:
+        try:
+            await self._sink.flush()
+            await self._backend.put_file(self._bucket, self._key, self._spool.path, metadata,
+                                         exclusive)
+        finally:
+            self._done = True
+            self._spool.release()
+
+    def abort(self) -> None:
+        if not self._done:
+            self._done = True
+            self._sink.discard()
+            self._spool.release()
+
+
+@implementer(IBackend)
+class S3Backend:
+    """Blobs and their C{x-amz-meta-dg-*} metadata in an S3 service."""
+
+    def __init__(self, client: S3Client, spool, name: Optional[str] = None):
+        self.client = client
+        self.spool = spool
+        self.name = name or client.name
+        self._list_meta: dict[tuple, ObjectMetadata] = {}
+
+    async def check(self) -> None:
+        """Reachable, and the credentials are accepted (ListBuckets)."""
+        response = await self.client.request("GET", None)
+        if response.code != 200:
+            raise await self.client.error_of(response)
+        await response.content()
+
+    async def _fail(self, response, bucket: Optional[str] = None):
+        err = await self.client.error_of(response)
+        if err.code == "NoSuchBucket":
+            raise BucketMissing(bucket or "")
+        raise err
+
+    # -- buckets -----------------------------------------------------------
+    async def list_buckets(self):
+        response = await self.client.request("GET", None)
+        if response.code != 200:
+            await self._fail(response)
+        root = SafeET.fromstring(await response.content())
+        out = []
+        for b in root.iter(S3_NS + "Bucket"):
+            out.append(BucketInfo(b.findtext(S3_NS + "Name"),
+                                  _iso(b.findtext(S3_NS + "CreationDate") or "")))
+        return sorted(out, key=lambda b: b.name)
+
+    async def bucket_exists(self, bucket: str) -> bool:
+        response = await self.client.request("HEAD", bucket)
+        await response.content()
+        if response.code == 200:
+            return True
+        if response.code == 404:
+            return False
+        raise UpstreamError(response.code, f"HTTP{response.code}", "HEAD bucket failed")
+
+    async def create_bucket(self, bucket: str) -> bool:
+        response = await self.client.request("PUT", bucket, idempotent=False)
+        if response.code == 200:
+            await response.content()
+            return True
+        err = await self.client.error_of(response)
+        if err.code in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+            return False
+        raise err
+
+    async def delete_bucket(self, bucket: str) -> None:
+        objects, _ = await self.list(bucket, "", None, with_metadata=False)
+        if any(not _internal(o.key) for o in objects):
+            raise BucketNotEmptyError(bucket)
+        for o in objects:  # internal leftovers (references)
+            await self.delete(bucket, o.key)
+        response = await self.client.request("DELETE", bucket)
+        if response.code not in (200, 204):
+            err = await self.client.error_of(response)
+            if err.code == "NoSuchBucket":
+                raise BucketMissing(bucket)
+            if err.code == "BucketNotEmpty":
+                raise BucketNotEmptyError(bucket)
+            raise err
+        await response.content()
+
+    # -- objects -------------------------------------------------------------
+    def _stored(self, key: str, response) -> StoredObject:
+        h = _headers(response)
+        size = int(h.get("content-length", "0"))
+        modified = _http_date(h.get("last-modified"))
+        etag = h.get("etag", "").strip('"')
+        meta = from_s3_headers(h, size, modified)
+        if meta is not None and not meta.md5:
+            meta = meta.with_changes(md5=_fallback_md5(meta, etag))
+        return StoredObject(key, size, modified, meta, etag=etag)
+
+    async def stat(self, bucket: str, key: str) -> Optional[StoredObject]:
+        response = await self.client.request("HEAD", bucket, key)
+        await response.content()
+        if response.code == 404:
+            return None
+        if response.code != 200:
+            raise UpstreamError(response.code, f"HTTP{response.code}", f"HEAD {key} failed")
+        return self._stored(key, response)
+
+    async def open_read(self, bucket: str, key: str, offset: int = 0,
+                        length: Optional[int] = None):
+        headers = {}
+        if offset or length is not None:
+            end = "" if length is None else str(offset + length - 1)
+            if length == 0:
+                from dgproxy.streams import BytesSource
+                return BytesSource(b"")
+            headers["Range"] = f"bytes={offset}-{end}"
+        response = await self.client.request("GET", bucket, key, headers=headers)
+        if response.code == 404:
+            await response.content()
+            return None
+        if response.code not in (200, 206):
+            await self._fail(response, bucket)
+        return _ResponseSource(response)
+
+    async def open_write(self, bucket: str, key: str):
+        return _SpoolingWriter(self, bucket, key, self.spool.create("upload"))
+
+    async def put_file(self, bucket: str, key: str, path: str, meta: ObjectMetadata,
+                       exclusive: bool) -> None:
+        headers = {"Content-Type": "application/octet-stream", **to_s3_headers(meta, key)}
+        if exclusive:
+            headers["If-None-Match"] = "*"
+        response = await self.client.request("PUT", bucket, key, headers=headers,
+                                             body_path=path, idempotent=True)
+        if response.code in (200, 201):
+            await response.content()
+            return
+        err = await self.client.error_of(response)
+        if err.status == 412:
+            raise AlreadyExists(key)
+        if err.code == "NoSuchBucket":
+            raise BucketMissing(bucket)
+        raise err
+
+    async def delete(self, bucket: str, key: str) -> bool:
+        existed = await self.stat(bucket, key) is not None
+        if not existed:
+            return False
+        response = await self.client.request("DELETE", bucket, key)
+        await response.content()
+        if response.code not in (200, 204, 404):
+            raise UpstreamError(response.code, f"HTTP{response.code}", f"DELETE {key} failed")
+        return True
+
+    async def list(self, bucket: str, prefix: str, delimiter: Optional[str],
+                   with_metadata: bool = True):
+        """Every stored object under C{prefix} (all pages) and the common prefixes.
+
+        Delta blobs need their original size and ETag: those come from one
+        HEAD each, cached by the upstream ETag, so a repeated listing costs
+        no HEADs (SPEC §3 ⚑)."""
+        objects: list[StoredObject] = []
+        prefixes: list[str] = []
+        token = None
+        while True:
+            query = {"list-type": "2", "prefix": prefix, "max-keys": "1000"}
+            if delimiter:
+                query["delimiter"] = delimiter
+            if token:
+                query["continuation-token"] = token
+            response = await self.client.request("GET", bucket, query=query)
+            if response.code != 200:
+                await self._fail(response, bucket)
+            root = SafeET.fromstring(await response.content())
+            for c in root.iter(S3_NS + "Contents"):
+                key = c.findtext(S3_NS + "Key") or ""
+                etag = (c.findtext(S3_NS + "ETag") or "").strip('"')
+                objects.append(StoredObject(key, int(c.findtext(S3_NS + "Size") or 0),
+                                            _iso(c.findtext(S3_NS + "LastModified") or ""),
+                                            None, etag=etag))
+            for p in root.iter(S3_NS + "CommonPrefixes"):
+                value = p.findtext(S3_NS + "Prefix") or ""
+                if value.rstrip("/").rpartition("/")[2] != ".dg":
+                    prefixes.append(value)
+            if (root.findtext(S3_NS + "IsTruncated") or "false") != "true":
+                break
+            token = root.findtext(S3_NS + "NextContinuationToken")
+            if not token:
+                break
+        if with_metadata:
+            objects = await self._with_list_metadata(bucket, objects)
+        return objects, prefixes
+
+    async def _with_list_metadata(self, bucket: str, objects: list[StoredObject]):
+        """Fill metadata where LIST alone cannot give the original size/ETag."""
+        need = [i for i, o in enumerate(objects)
+                if o.key.endswith(DELTA_SUFFIX) or "-" in (o.etag or "")]
+        sem = defer.DeferredSemaphore(LIST_HEAD_CONCURRENCY)
+
+        async def fill(i: int) -> None:
+            o = objects[i]
+            cache_key = (bucket, o.key, o.etag)
+            meta = self._list_meta.get(cache_key)
+            if meta is None:
+                stored = await self.stat(bucket, o.key)
+                if stored is None or stored.metadata is None:
+                    return
+                meta = stored.metadata
+                if len(self._list_meta) > 100_000:
+                    self._list_meta.clear()
+                self._list_meta[cache_key] = meta
+            objects[i] = StoredObject(o.key, o.size, o.modified, meta, etag=o.etag)
+
+        await defer.gatherResults(
+            [sem.run(lambda i=i: defer.ensureDeferred(fill(i))) for i in need],
+            consumeErrors=True)
+        return objects
+
+
+def _internal(key: str) -> bool:
+    return key.rpartition("/")[2] == REFERENCE_NAME
+
+
+def _fallback_md5(meta: ObjectMetadata, upstream_etag: str) -> str:
+    """An ETag source for objects written without C{dg-md5} (the Python tool):
+    the upstream ETag of a single-PUT original, else part of the SHA-256."""
+    if meta.note != "delta" and len(upstream_etag) == 32 and "-" not in upstream_etag:
+        return upstream_etag
+    return meta.file_sha256[:32]
+
+
+def probe_blocking(client: S3Client, timeout: float = 10.0) -> None:
+    """Start-up check, before the reactor runs: ListBuckets must succeed.
+
+    Raises L{BackendUnavailable} or L{UpstreamError} with what went wrong."""
+    import urllib.error
+    import urllib.request
+    url = client.url(None)
+    headers = {k: v[0] for k, v in client._signed_headers("GET", url, {}).items()}
+    request = urllib.request.Request(url, headers=headers, method="GET")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            response.read()
+    except urllib.error.HTTPError as e:
+        body = e.read()
+        code = f"HTTP{e.code}"
+        try:
+            code = SafeET.fromstring(body).findtext("Code") or code
+        except Exception:
+            pass
+        raise UpstreamError(e.code, code, "ListBuckets refused (are the credentials right?)") from None
+    except OSError as e:
+        raise BackendUnavailable(client.name, f"{client.endpoint}: {getattr(e, 'reason', e)}") from None
