@@ -84,6 +84,7 @@ class Config:
     codec_concurrency: int = max(4 * (os.cpu_count() or 1), 4)
     max_multipart_uploads: int = 1000
     multipart_idle_ttl_hours: int = 24
+    multipart_sweep_interval_secs: int = 300
     audit_ring_size: int = 500
     rate_limit_max_attempts: int = 100
     rate_limit_window_secs: int = 300
@@ -190,6 +191,7 @@ _ENV = {
     "DGP_CODEC_CONCURRENCY": ("codec_concurrency", int),
     "DGP_MAX_MULTIPART_UPLOADS": ("max_multipart_uploads", int),
     "DGP_MULTIPART_IDLE_TTL_HOURS": ("multipart_idle_ttl_hours", int),
+    "DGP_MULTIPART_SWEEP_INTERVAL_SECS": ("multipart_sweep_interval_secs", int),
     "DGP_AUDIT_RING_SIZE": ("audit_ring_size", int),
     "DGP_RATE_LIMIT_MAX_ATTEMPTS": ("rate_limit_max_attempts", int),
     "DGP_RATE_LIMIT_WINDOW_SECS": ("rate_limit_window_secs", int),

@@ -21,7 +21,9 @@ from dgproxy.engine.codec import Codec, check_xdelta3
 from dgproxy.engine.policy import DeltaPolicy
 from dgproxy.engine.references import ReferenceCache, References
 from dgproxy.engine.spool import Spool
+from dgproxy.engine.multipart import Multipart
 from dgproxy.engine.store import ObjectStore
+from dgproxy.s3.multipart_ops import MultipartOperations
 from dgproxy.http.site import DGSite
 from dgproxy.s3.front import S3Front
 from dgproxy.s3.operations import Operations
@@ -138,7 +140,9 @@ def build(config: Config) -> DrainingService:
                         References(backend, cache, spool), spool)
     authenticator = Authenticator(config.access_key_id, config.secret_access_key,
                                   config.open_access, config.clock_skew_seconds)
-    front = S3Front(authenticator, Operations(store, config.max_object_size),
+    operations = Operations(store, config.max_object_size)
+    multipart = Multipart(store, config.max_multipart_uploads, config.multipart_idle_ttl_hours)
+    front = S3Front(authenticator, operations, MultipartOperations(operations, multipart),
                     config.virtual_host_domains)
     admin = build_admin_root(lambda: (200, {"status": "ok", "version": __version__}),
                              lambda: (200, {"status": "ready"}))
@@ -148,6 +152,9 @@ def build(config: Config) -> DrainingService:
     host, port = config.listen_host_port
     top = DrainingService(site, config.drain_timeout_secs)
     internet.TCPServer(port, site, interface=host).setServiceParent(top)
+    sweeper = internet.TimerService(config.multipart_sweep_interval_secs,
+                                    lambda: defer.ensureDeferred(multipart.sweep_all()))
+    sweeper.setServiceParent(top)
 
     log.info("dgproxy {version} listening on {addr}", version=__version__, addr=config.listen_addr)
     log.info("Config: {source}", source=config.source)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from dgproxy.storage.metadata import DELTA_SUFFIX, REFERENCE_NAME
 
+INTERNAL_PREFIX = ".dg/"  # multipart state and other internal blobs
+
 
 @dataclass(frozen=True)
 class ObjectKey:
@@ -41,7 +43,7 @@ def reference_key(deltaspace: str) -> str:
 def user_key_of(stored_key: str) -> str | None:
     """The client key a stored key represents, or None for internal blobs."""
     name = stored_key.rpartition("/")[2]
-    if name == REFERENCE_NAME:
+    if name == REFERENCE_NAME or stored_key.startswith(INTERNAL_PREFIX):
         return None
     while stored_key.endswith(DELTA_SUFFIX):
         stored_key = stored_key[: -len(DELTA_SUFFIX)]

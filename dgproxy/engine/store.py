@@ -19,6 +19,7 @@ from typing import Mapping, Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from dgproxy import TOOL_NAME
 from dgproxy.engine.codec import Codec, CodecError, OutputTooLarge
@@ -104,6 +105,88 @@ def _effective(stored: StoredObject) -> ObjectMetadata:
     return unmanaged_metadata(stored, stored.key.rpartition("/")[2])
 
 
+class Rebuilt:
+    """Recently rebuilt delta objects, kept in the spool for a short while.
+
+    Clients fetch large objects as parallel ranged GETs (the aws CLI uses
+    8 MiB ranges); each would otherwise rebuild the whole object. Concurrent
+    reads of one version share one rebuild, and later ones reuse it until
+    C{ttl} seconds after its last use. Readers hold their own open file, so
+    eviction never cuts a response short."""
+
+    def __init__(self, reactor, ttl: float = 30.0, max_bytes: int = 4 * 1024**3):
+        self._reactor = reactor
+        self.ttl = ttl
+        self.max_bytes = max_bytes
+        self._entries: dict[tuple, list] = {}  # key -> [Deferred[SpoolFile], timer]
+
+    async def open(self, key: tuple, build, offset: int, length: Optional[int]) -> FileSource:
+        entry = self._entries.get(key)
+        if entry is None:
+            d = defer.ensureDeferred(build())
+            entry = self._entries[key] = [d, None]
+            d.addErrback(self._failed, key)
+        spool = await _shared(entry[0])
+        try:
+            f = open(spool.path, "rb")
+        except FileNotFoundError:  # evicted in between: rebuild
+            self._entries.pop(key, None)
+            return await self.open(key, build, offset, length)
+        self._touch(key, spool)
+        return FileSource(f, offset, length)
+
+    def _failed(self, failure, key):
+        self._entries.pop(key, None)
+        return failure
+
+    def _touch(self, key: tuple, spool: SpoolFile) -> None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return
+        if entry[1] is not None and entry[1].active():
+            entry[1].reset(self.ttl)
+        else:
+            entry[1] = self._reactor.callLater(self.ttl, self._evict, key)
+        total = 0
+        for k in list(self._entries):
+            d = self._entries[k][0]
+            if d.called and not isinstance(d.result, Failure):
+                total += d.result.size
+        if total > self.max_bytes:
+            for k in list(self._entries):
+                if k != key and self._entries[k][0].called:
+                    self._evict(k)
+                    break
+
+    def _evict(self, key: tuple) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return
+        if entry[1] is not None and entry[1].active():
+            entry[1].cancel()
+        if entry[0].called and isinstance(entry[0].result, SpoolFile):
+            entry[0].result.release()
+
+    def clear(self) -> None:
+        for key in list(self._entries):
+            self._evict(key)
+
+
+def _shared(d: defer.Deferred) -> defer.Deferred:
+    """A Deferred with C{d}'s result that leaves C{d}'s own result in place."""
+    out = defer.Deferred()
+
+    def fire(result):
+        if isinstance(result, Failure):
+            out.errback(result)
+        else:
+            out.callback(result)
+        return result
+
+    d.addBoth(fire)
+    return out
+
+
 class DeltaspaceLocks:
     """One L{DeferredLock} per deltaspace, dropped when nobody holds it."""
 
@@ -148,6 +231,8 @@ class ObjectStore:
         self.spool = spool
         self.stats = stats or EngineStats()
         self.locks = DeltaspaceLocks()
+        from twisted.internet import reactor
+        self.rebuilt = Rebuilt(reactor)
 
     # -- writes ---------------------------------------------------------------
     async def put(self, bucket: str, key: str, body, *, content_type: Optional[str],
@@ -401,8 +486,10 @@ class ObjectStore:
         """An L{IByteSource} over the original bytes of C{version} (or a slice)."""
         if version.metadata.note != DELTA:
             return await self.backend.open_read(bucket, version.stored.key, offset, length)
-        out = await self._reconstruct(bucket, version)
-        return out.source(offset, length)
+        meta = version.metadata
+        key = (bucket, version.key, meta.file_sha256, meta.created_at)
+        return await self.rebuilt.open(key, lambda: self._reconstruct(bucket, version),
+                                       offset, length)
 
     async def _reconstruct(self, bucket: str, version: ObjectVersion) -> SpoolFile:
         """Rebuild a delta object into the spool and check its SHA-256."""
@@ -450,6 +537,7 @@ class ObjectStore:
                           expected=meta.file_sha256, actual_size=out.size, actual=actual)
                 raise IntegrityError("checksum mismatch")
             self.stats.decode_seconds.append(time.monotonic() - started)
+            out.flush()
             return out
         except BaseException:
             out.release()

@@ -160,8 +160,7 @@ class StreamingRequest(server.Request):
             self.responseHeaders.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
         if isinstance(body, bytes) or body is None:
             data = body or b""
-            if length is None:
-                self.setHeader(b"content-length", b"%d" % len(data))
+            self.setHeader(b"content-length", b"%d" % (len(data) if length is None else length))
             if self.method != b"HEAD" and data:
                 self.write(data)
                 self.bytes_sent += len(data)

@@ -17,6 +17,7 @@ from dgproxy.http.site import IRequestHandler
 from dgproxy.s3 import errors
 from dgproxy.s3.call import Response, S3Call, parse_query
 from dgproxy.s3.names import parse_target
+from dgproxy.s3.multipart_ops import MultipartOperations
 from dgproxy.s3.operations import Operations
 from dgproxy.storage.interface import BackendUnavailable, StorageError, UpstreamError
 from dgproxy.streams import ClientDisconnected
@@ -34,7 +35,6 @@ UNSUPPORTED = {
     "inventory": "BucketInventory", "metrics": "BucketMetrics", "requestPayment": "BucketRequestPayment",
     "ownershipControls": "BucketOwnershipControls", "publicAccessBlock": "PublicAccessBlock",
     "intelligent-tiering": "BucketIntelligentTiering", "attributes": "GetObjectAttributes",
-    "uploads": "MultipartUpload", "uploadId": "MultipartUpload", "partNumber": "MultipartUpload",
 }
 
 
@@ -46,9 +46,10 @@ def not_implemented(operation: str) -> errors.S3Error:
 @implementer(IRequestHandler)
 class S3Front:
     def __init__(self, authenticator: Authenticator, operations: Operations,
-                 virtual_host_domains=("localhost",)):
+                 multipart: MultipartOperations, virtual_host_domains=("localhost",)):
         self.authenticator = authenticator
         self.ops = operations
+        self.mp = multipart
         self.virtual_host_domains = tuple(virtual_host_domains)
 
     async def handle(self, request) -> None:
@@ -135,6 +136,8 @@ class S3Front:
                 raise not_implemented("PutBucketVersioning")
             if "delete" in q and method == "POST":
                 return ops.delete_objects
+            if "uploads" in q and method == "GET":
+                return self.mp.list_uploads
             table = {"GET": ops.list_objects, "PUT": ops.create_bucket,
                      "HEAD": ops.head_bucket, "DELETE": ops.delete_bucket}
             if method in table:
@@ -146,6 +149,16 @@ class S3Front:
             if method == "GET":
                 return ops.get_acl
             raise not_implemented("PutObjectAcl")
+        if "uploads" in q and method == "POST":
+            return self.mp.create
+        if "uploadId" in q:
+            table = {"PUT": self.mp.upload_part, "POST": self.mp.complete,
+                     "DELETE": self.mp.abort, "GET": self.mp.list_parts}
+            if method in table:
+                return table[method]
+            raise errors.MethodNotAllowed()
+        if "partNumber" in q:
+            raise not_implemented("GetObjectPart")
         if method == "PUT":
             return ops.copy_object if call.header("x-amz-copy-source") else ops.put_object
         table = {"GET": ops.get_object, "HEAD": ops.head_object, "DELETE": ops.delete_object}

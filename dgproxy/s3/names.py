@@ -78,6 +78,8 @@ def check_key(key: str, *, ingest: bool) -> None:
         raise errors.InvalidArgument("Object keys may not contain '..' segments.")
     if key.startswith("/"):
         raise errors.InvalidArgument("Object keys may not start with '/'.")
+    if parts[0] == ".dg":
+        raise errors.InvalidArgument("The prefix '.dg/' is reserved for internal use.")
     name = parts[-1]
     if name == REFERENCE_NAME:
         raise errors.InvalidArgument("The filename 'reference.bin' is reserved for internal use.")

@@ -233,10 +233,15 @@ class Operations:
         return Response(200, [("ETag", meta.etag)])
 
     async def _store(self, call: S3Call, body, **kwargs):
+        return await self._guard(self.store.put(call.bucket, call.key, body, **kwargs))
+
+    @staticmethod
+    async def _guard(coro):
+        """Run a store write, turning storage outcomes into S3 errors."""
         try:
-            return await self.store.put(call.bucket, call.key, body, **kwargs)
-        except BucketMissing:
-            raise errors.NoSuchBucket(BucketName=call.bucket) from None
+            return await coro
+        except BucketMissing as e:
+            raise errors.NoSuchBucket(BucketName=str(e)) from None
         except KeyConflict as e:
             raise errors.InvalidArgument(
                 f"The key conflicts with an existing object or prefix: {e}") from None

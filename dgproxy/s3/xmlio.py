@@ -99,3 +99,25 @@ def parse_create_bucket(body: bytes) -> Optional[str]:
     if local(root.tag) != "CreateBucketConfiguration":
         raise errors.MalformedXML()
     return child_text(root, "LocationConstraint")
+
+
+def parse_complete(body: bytes) -> list[tuple[int, str]]:
+    """A CompleteMultipartUpload body: [(part number, etag)] in document order."""
+    root = parse(body)
+    if local(root.tag) != "CompleteMultipartUpload":
+        raise errors.MalformedXML()
+    parts = []
+    for node in root:
+        if local(node.tag) != "Part":
+            continue
+        number, etag = child_text(node, "PartNumber"), child_text(node, "ETag")
+        if number is None or etag is None:
+            raise errors.MalformedXML()
+        try:
+            n = int(number.strip())
+        except ValueError:
+            raise errors.MalformedXML() from None
+        parts.append((n, etag))
+    if not parts or len(parts) > 10000:
+        raise errors.MalformedXML()
+    return parts

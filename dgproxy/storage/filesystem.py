@@ -232,7 +232,9 @@ class FilesystemBackend:
             if not os.path.isdir(path):
                 raise BucketMissing(bucket)
             objects = os.path.join(path, OBJECTS_DIR)
-            for dirpath, _dirs, files in os.walk(objects):
+            for dirpath, dirs, files in os.walk(objects):
+                if dirpath == objects:
+                    dirs[:] = [d for d in dirs if d != ".dg"]  # open uploads go with the bucket
                 if any(not _is_hidden(f) for f in files):
                     raise BucketNotEmptyError(bucket)
             shutil.rmtree(path)

@@ -452,7 +452,7 @@ class S3Backend:
 
 
 def _internal(key: str) -> bool:
-    return key.rpartition("/")[2] == REFERENCE_NAME
+    return key.rpartition("/")[2] == REFERENCE_NAME or key.startswith(".dg/")
 
 
 def _fallback_md5(meta: ObjectMetadata, upstream_etag: str) -> str:
