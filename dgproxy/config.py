@@ -138,7 +138,7 @@ class Config:
 
 def parse_listen_addr(value: str, key: str, source: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not (0 <= int(port) <= 65535):
+    if not sep or not re.fullmatch(r"[0-9]{1,5}", port) or not (0 <= int(port) <= 65535):
         raise ConfigError(key, source, f"expected HOST:PORT, got {value!r}")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)
@@ -255,7 +255,7 @@ def _convert(value: Any, conv: Any, key: str, source: str) -> Any:
         if conv is int and isinstance(value, str):
             return int(value.strip())
         return conv(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(key, source, f"invalid value {value!r}") from None
 
 
@@ -348,6 +348,11 @@ def from_mapping(doc: Mapping[str, Any], source: str, env: Mapping[str, str]) ->
     storage = _mapping(doc.get("storage"), "storage", source)
     _check_keys(storage, _STORAGE_KEYS, "storage.", source)
     shorthands = [k for k in ("backend", "filesystem", "s3") if storage.get(k) is not None]
+    if storage.get("s3") is None:
+        for companion in ("region", "force_path_style", "access_key_id", "secret_access_key"):
+            if companion in storage:
+                raise ConfigError(f"storage.{companion}", source,
+                                  "only valid together with the storage.s3 shorthand")
     if len(shorthands) > 1:
         raise ConfigError("storage." + shorthands[1], source,
                           "set only one of backend / filesystem / s3")
@@ -452,9 +457,11 @@ def load(path: Optional[str] = None, env: Optional[Mapping[str, str]] = None) ->
             text = f.read()
     except OSError as e:
         raise ConfigError("<file>", path, f"cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("<file>", path, "is not UTF-8 text") from None
     text = expand_env(text, env, path)
     try:
         doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError, RecursionError) as e:
         raise ConfigError("<document>", path, f"does not parse: {e}") from None
     return from_mapping(doc or {}, path, env)

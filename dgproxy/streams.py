@@ -121,7 +121,7 @@ class BodyStream:
                 self._chunks[0] = chunk[room:]
                 n += room
         self._buffered -= n
-        if self._paused and self._buffered < self._high // 2:
+        if self._paused and self._buffered < max(1, self._high // 2):
             self._paused = False
             self._resume()
         return out[0] if len(out) == 1 else b"".join(out)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Callable, Optional
 
 from dgproxy.s3 import errors
 
-_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$")
+_RANGE = re.compile(r"^\s*bytes\s*=\s*([0-9]*)\s*-\s*([0-9]*)\s*$")
+_MAX_DIGITS = 19  # past this a number is "beyond any object" (and int() may refuse it)
 
 
 class NotModified(Exception):
@@ -29,6 +30,10 @@ def parse_range(header: Optional[str], size: int) -> Optional[tuple[int, int]]:
     first, last = m.groups()
     if not first and not last:
         return None
+    if len(first) > _MAX_DIGITS:
+        raise errors.InvalidRange(ActualObjectSize=str(size))
+    if len(last) > _MAX_DIGITS:
+        last = str(2**63)
     if not first:
         suffix = int(last)
         if suffix == 0:
@@ -52,13 +57,20 @@ def _http_date(value: Optional[str]) -> Optional[datetime]:
         parsed = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
-    return parsed if parsed.tzinfo else None
+    if parsed.tzinfo is None:  # asctime format: RFC 9110 says it is UTC
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed
 
 
-def _etag_matches(header: str, etag: str) -> bool:
-    tags = [t.strip() for t in header.split(",")]
+def _etag_matches(header: str, etag: str, weak: bool = False) -> bool:
+    """Strong comparison, or weak (C{W/} ignored) for If-None-Match."""
     bare = etag.strip('"')
-    return any(t == "*" or t.strip('"') == bare for t in tags)
+    for tag in (t.strip() for t in header.split(",")):
+        if weak and tag.startswith("W/"):
+            tag = tag[2:]
+        if tag == "*" or tag.strip('"') == bare:
+            return True
+    return False
 
 
 def check_read(header: Callable[[str], Optional[str]], etag: str,
@@ -76,7 +88,7 @@ def check_read(header: Callable[[str], Optional[str]], etag: str,
             raise errors.PreconditionFailed(Condition="If-Unmodified-Since")
     if_none = header(prefix + "if-none-match")
     if if_none is not None:
-        if _etag_matches(if_none, etag):
+        if _etag_matches(if_none, etag, weak=True):
             if prefix:
                 raise errors.PreconditionFailed(Condition="If-None-Match")
             raise NotModified()

@@ -77,15 +77,19 @@ InternalError = _factory(
     "InternalError", 500, "We encountered an internal error. Please try again.")
 
 
+def _text(value) -> str:
+    return escape(str(value), {"\r": "&#13;"})
+
+
 def render_error(error: S3Error, resource: str, request_id: str) -> bytes:
     """The S3 XML body for C{error}."""
     parts = [
         '<?xml version="1.0" encoding="UTF-8"?>\n<Error>',
-        f"<Code>{escape(error.code)}</Code>",
-        f"<Message>{escape(error.message)}</Message>",
+        f"<Code>{_text(error.code)}</Code>",
+        f"<Message>{_text(error.message)}</Message>",
     ]
     for name, value in error.extra.items():
-        parts.append(f"<{name}>{escape(str(value))}</{name}>")
-    parts.append(f"<Resource>{escape(resource)}</Resource>")
-    parts.append(f"<RequestId>{escape(request_id)}</RequestId></Error>")
+        parts.append(f"<{name}>{_text(value)}</{name}>")
+    parts.append(f"<Resource>{_text(resource)}</Resource>")
+    parts.append(f"<RequestId>{_text(request_id)}</RequestId></Error>")
     return "".join(parts).encode("utf-8")

@@ -13,6 +13,9 @@ from dgproxy.storage.metadata import DELTA_SUFFIX, REFERENCE_NAME
 
 MAX_KEY_BYTES = 1024
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+_TEMP_NAME = re.compile(r"^(?:\.dgtmp\.[0-9a-f]{16}|\.tmp[A-Za-z0-9]{6})$")
+_RESERVED_BUCKET_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+_RESERVED_BUCKET_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,8 @@ def parse_target(raw_path: bytes, host: Optional[str],
 def check_bucket_name(name: str) -> None:
     """S3's bucket naming rules (InvalidBucketName)."""
     if (not _BUCKET_RE.match(name) or ".." in name or ".-" in name or "-." in name
-            or name.startswith("xn--") or name.endswith("-s3alias")):
+            or name.startswith(_RESERVED_BUCKET_PREFIXES)
+            or name.endswith(_RESERVED_BUCKET_SUFFIXES)):
         raise errors.InvalidBucketName(bucket=name)
     try:
         ipaddress.IPv4Address(name)
@@ -87,5 +91,7 @@ def check_key(key: str, *, ingest: bool) -> None:
         raise errors.InvalidArgument("Filenames ending in '.delta' are reserved for internal use.")
     if not name:
         raise errors.InvalidArgument("Object keys ending in '/' are not supported.")
+    if _TEMP_NAME.match(name):
+        raise errors.InvalidArgument("This filename is reserved for dgproxy's temporary files.")
     if ingest and any(p in ("", ".") for p in parts):
         raise errors.InvalidArgument("Object keys may not contain empty or '.' segments.")

@@ -22,8 +22,13 @@ def iso8601(when: datetime) -> str:
         f"{when.microsecond // 1000:03d}Z"
 
 
+def xml_text(value) -> str:
+    """Escaped text; CR too, or a parser would hand the client LF instead."""
+    return escape(str(value), {"\r": "&#13;"})
+
+
 def el(name: str, value) -> str:
-    return f"<{name}>{escape(str(value))}</{name}>"
+    return f"<{name}>{xml_text(value)}</{name}>"
 
 
 def document(root: str, body: str) -> bytes:

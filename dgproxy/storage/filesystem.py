@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import shutil
 from datetime import datetime, timezone
@@ -31,8 +32,13 @@ from dgproxy.streams import FileSink, FileSource
 log = Logger()
 
 OBJECTS_DIR = "deltaspaces"
-TEMP_PREFIXES = (".dgtmp.", ".tmp")
+TEMP_NAME = re.compile(r"^(?:\.dgtmp\.[0-9a-f]{16}|\.tmp[A-Za-z0-9]{6})$")  # ours, the Rust proxy's
 PROBE_NAME = ".dg_xattr_probe"
+
+
+def is_temp_name(name: str) -> bool:
+    """An atomic-write temp file (dgproxy's or the Rust proxy's), never user data."""
+    return TEMP_NAME.match(name) is not None
 XATTR_HELP = ("Data directory does not support extended attributes. "
               "{path}: {reason}. dgproxy stores object metadata in the user.dg.metadata "
               "xattr; use ext4, XFS, Btrfs, ZFS or APFS (not tmpfs, FAT32, exFAT, or NFS "
@@ -65,7 +71,7 @@ def _fsync_dir(path: str) -> None:
 
 
 def _is_hidden(name: str) -> bool:
-    return name == REFERENCE_NAME or name.startswith(TEMP_PREFIXES) or name == PROBE_NAME
+    return name == REFERENCE_NAME or is_temp_name(name) or name == PROBE_NAME
 
 
 def _utc(ts: float) -> datetime:
@@ -172,7 +178,7 @@ class FilesystemBackend:
         swept = 0
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
-                if name.startswith(TEMP_PREFIXES):
+                if is_temp_name(name):
                     try:
                         os.unlink(os.path.join(dirpath, name))
                         swept += 1
@@ -258,14 +264,29 @@ class FilesystemBackend:
                 log.warn("Unreadable metadata on {path}: {error}", path=path, error=str(e))
         return StoredObject(key, st.st_size, _utc(st.st_mtime), meta)
 
+    def _existing_path(self, bucket: str, key: str) -> Optional[str]:
+        """The file for a read or delete; None for a key no write could have
+        made (empty or '.' segments). Keys that would escape still raise."""
+        parts = key.split("/")
+        if (key and not key.startswith("/") and not key.endswith("/") and "\0" not in key
+                and ".." not in parts and any(p in ("", ".") for p in parts)):
+            return None
+        return self._path(bucket, key)
+
     def stat(self, bucket: str, key: str) -> defer.Deferred:
-        return deferToThread(lambda: self._stat_path(key, self._path(bucket, key)))
+        def stat_():
+            path = self._existing_path(bucket, key)
+            return None if path is None else self._stat_path(key, path)
+        return deferToThread(stat_)
 
     def open_read(self, bucket: str, key: str, offset: int = 0,
                   length: Optional[int] = None) -> defer.Deferred:
         def open_():
+            path = self._existing_path(bucket, key)
+            if path is None:
+                return None
             try:
-                f = open(self._path(bucket, key), "rb")
+                f = open(path, "rb")
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 return None
             return FileSource(f, offset, length)
@@ -283,13 +304,15 @@ class FilesystemBackend:
                 raise KeyConflict(f"a parent of {key!r} is an object") from None
             if os.path.isdir(target):
                 raise KeyConflict(f"{key!r} is a prefix of other objects")
-            temp = os.path.join(directory, f"{TEMP_PREFIXES[0]}{secrets.token_hex(8)}")
+            temp = os.path.join(directory, f".dgtmp.{secrets.token_hex(8)}")
             return _FileWriter(target, temp, open(temp, "xb"))
         return deferToThread(open_)
 
     def delete(self, bucket: str, key: str) -> defer.Deferred:
         def delete():
-            path = self._path(bucket, key)
+            path = self._existing_path(bucket, key)
+            if path is None:
+                return False
             try:
                 os.unlink(path)
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
@@ -331,9 +354,9 @@ class FilesystemBackend:
                 if not key.startswith(prefix):
                     continue
                 if entry.is_dir(follow_symlinks=False):
-                    if entry.name != ".dg" and self._has_visible(entry.path):
+                    if not (key == ".dg" and not rel_start) and self._has_visible(entry.path):
                         prefixes.append(key + "/")
-                elif entry.is_file(follow_symlinks=False) and not entry.name.startswith(TEMP_PREFIXES):
+                elif entry.is_file(follow_symlinks=False) and not is_temp_name(entry.name):
                     if entry.name == PROBE_NAME:
                         continue
                     obj = self._stat_path(key, entry.path)
@@ -341,11 +364,12 @@ class FilesystemBackend:
                         objects.append(obj)
         else:
             for dirpath, dirs, files in os.walk(start):
-                dirs[:] = [d for d in dirs if d != ".dg"]
+                if dirpath == base:
+                    dirs[:] = [d for d in dirs if d != ".dg"]  # internal state
                 rel = os.path.relpath(dirpath, base)
                 rel = "" if rel == "." else rel.replace(os.sep, "/")
                 for name in files:
-                    if name.startswith(TEMP_PREFIXES) or name == PROBE_NAME:
+                    if is_temp_name(name) or name == PROBE_NAME:
                         continue
                     key = f"{rel}/{name}" if rel else name
                     if key.startswith(prefix):

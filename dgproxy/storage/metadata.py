@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Mapping, Optional
 
 XATTR_NAME = "user.dg.metadata"
@@ -32,7 +32,8 @@ def format_timestamp(when: datetime) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z"
 
 
-_TS = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)?$")
+_TS = re.compile(r"^([0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2})(?:\.([0-9]{1,9}))?"
+                 r"(Z|[+-][0-9]{2}:[0-9]{2})?$")
 
 
 def parse_timestamp(text: str) -> datetime:
@@ -45,9 +46,17 @@ def parse_timestamp(text: str) -> datetime:
     if zone in (None, "Z"):
         return when.replace(tzinfo=timezone.utc)
     sign = 1 if zone[0] == "+" else -1
-    from datetime import timedelta
     offset = timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6])) * sign
-    return (when - offset).replace(tzinfo=timezone.utc)
+    try:
+        return (when - offset).replace(tzinfo=timezone.utc)
+    except OverflowError:
+        raise MetadataError(f"timestamp out of range {text!r}") from None
+
+
+def _json_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MetadataError(f"{name} is not an integer")
+    return value
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,8 @@ class ObjectMetadata:
     def from_json(cls, raw: bytes) -> "ObjectMetadata":
         try:
             doc = json.loads(raw)
+        except RecursionError:
+            raise MetadataError("metadata is nested too deeply") from None
         except (ValueError, UnicodeDecodeError) as e:
             raise MetadataError(f"metadata is not JSON: {e}") from None
         if not isinstance(doc, dict):
@@ -127,7 +138,7 @@ class ObjectMetadata:
                 tool=str(doc["tool"]),
                 original_name=str(doc["original_name"]),
                 file_sha256=str(doc["file_sha256"]),
-                file_size=int(doc["file_size"]),
+                file_size=_json_int(doc["file_size"], "file_size"),
                 md5=str(doc["md5"]),
                 created_at=parse_timestamp(str(doc["created_at"])),
                 note=note,
@@ -137,12 +148,13 @@ class ObjectMetadata:
                 source_name=doc.get("source_name"),
                 ref_path=doc.get("ref_path") or doc.get("ref_key"),
                 ref_sha256=doc.get("ref_sha256"),
-                delta_size=None if doc.get("delta_size") is None else int(doc["delta_size"]),
+                delta_size=(None if doc.get("delta_size") is None
+                            else _json_int(doc["delta_size"], "delta_size")),
                 delta_cmd=doc.get("delta_cmd"),
             )
         except KeyError as e:
             raise MetadataError(f"metadata lacks field {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise MetadataError(f"metadata field has a bad value: {e}") from None
         if meta.note == DELTA and (meta.ref_sha256 is None or meta.delta_size is None):
             raise MetadataError("delta metadata lacks ref_sha256 or delta_size")
