@@ -1,0 +1,226 @@
+"""A minimal streaming S3 client for the benchmark.
+
+The same client talks to dgproxy and to SeaweedFS, so that the ratio of the
+two numbers says something about the servers and not about two different
+clients. It is deliberately cheap on the client side:
+
+- requests are signed with botocore's C{SigV4Auth} and
+  C{x-amz-content-sha256: UNSIGNED-PAYLOAD}, so the client never hashes the
+  body to sign it;
+- a PUT body is streamed from a file with C{socket.sendfile} (zero-copy from
+  the page cache); the body is never held in memory;
+- a GET body is read into one reusable 1 MiB buffer and discarded, or fed to
+  an incremental MD5 when the caller asks for verification;
+- one keep-alive connection is reused; (re)connecting and signing happen
+  before the clock starts, so the timed part is the request on the wire and
+  the server's work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+from urllib.parse import quote
+
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+
+UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+READ_CHUNK = 1024 * 1024
+
+
+class S3RequestError(Exception):
+    def __init__(self, method: str, path: str, status: int, body: bytes):
+        super().__init__(f"{method} {path} -> HTTP {status}: {body[:500]!r}")
+        self.status = status
+        self.body = body
+
+
+@dataclass
+class Result:
+    seconds: float
+    nbytes: int
+    etag: str = ""
+    md5: str = ""  # hex MD5 of the GET body, when asked for
+
+
+class S3Client:
+    """Path-style S3 over one persistent http.client connection."""
+
+    def __init__(self, host: str, port: int, access_key: str, secret_key: str,
+                 region: str = "us-east-1", timeout: float = 300.0):
+        self.host = host
+        self.port = port
+        self.netloc = f"{host}:{port}"
+        self.timeout = timeout
+        self._signer = SigV4Auth(Credentials(access_key, secret_key), "s3", region)
+        self._conn: Optional[http.client.HTTPConnection] = None
+        self._buf = bytearray(READ_CHUNK)
+
+    # -- connection and signing ---------------------------------------------
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None or self._conn.sock is None:
+            self.close()
+            self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            self._conn.connect()
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _signed_headers(self, method: str, path: str, extra: Optional[dict] = None) -> dict:
+        headers = {"x-amz-content-sha256": UNSIGNED_PAYLOAD}
+        headers.update(extra or {})
+        req = AWSRequest(method=method, url=f"http://{self.netloc}{path}", headers=headers)
+        self._signer.add_auth(req)
+        return dict(req.headers.items())
+
+    @staticmethod
+    def path(bucket: str, key: str = "") -> str:
+        return "/" + quote(bucket) + ("/" + quote(key, safe="/~") if key else "")
+
+    def _start(self, method: str, path: str, headers: dict) -> http.client.HTTPConnection:
+        conn = self._connection()
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for k, v in headers.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        return conn
+
+    @staticmethod
+    def _early_answer(conn: http.client.HTTPConnection) -> tuple[int, bytes]:
+        try:
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        except Exception as e:
+            return 0, f"(no response: {e!r})".encode()
+
+    def _finish(self, resp: http.client.HTTPResponse) -> None:
+        if resp.will_close:
+            self.close()
+
+    # -- small requests (not timed) ------------------------------------------
+    def request(self, method: str, path: str, ok=(200, 204)) -> tuple[int, bytes]:
+        headers = self._signed_headers(method, path, {"Content-Length": "0"})
+        try:
+            resp = self._start(method, path, headers).getresponse()
+            body = resp.read()
+        except (ConnectionError, http.client.HTTPException):
+            self.close()
+            raise
+        self._finish(resp)
+        if ok and resp.status not in ok:
+            raise S3RequestError(method, path, resp.status, body)
+        return resp.status, body
+
+    def create_bucket(self, bucket: str) -> None:
+        status, body = self.request("PUT", self.path(bucket), ok=None)
+        if status != 200 and b"BucketAlreadyOwnedByYou" not in body:
+            raise S3RequestError("PUT", self.path(bucket), status, body)
+
+    def delete_object(self, bucket: str, key: str) -> None:
+        self.request("DELETE", self.path(bucket, key))
+
+    # -- timed transfers ----------------------------------------------------
+    def put_file(self, bucket: str, key: str, filename: str) -> Result:
+        """PUT the whole file as one object; returns wall time and the ETag."""
+        size = os.path.getsize(filename)
+        path = self.path(bucket, key)
+        headers = self._signed_headers("PUT", path, {
+            "Content-Length": str(size), "Content-Type": "application/octet-stream"})
+        self._connection()
+        with open(filename, "rb") as f:
+            t0 = time.perf_counter()
+            try:
+                conn = self._start("PUT", path, headers)
+                try:
+                    sent = conn.sock.sendfile(f, 0, size)
+                except ConnectionError as e:
+                    # The server answered early and closed (an error): show its answer.
+                    status, body = self._early_answer(conn)
+                    self.close()
+                    raise S3RequestError("PUT", path, status, body) from e
+                if sent != size:
+                    raise IOError(f"sendfile sent {sent} of {size} bytes")
+                resp = conn.getresponse()
+                body = resp.read()
+            except (ConnectionError, http.client.HTTPException):
+                self.close()
+                raise
+            t1 = time.perf_counter()
+        self._finish(resp)
+        if resp.status != 200:
+            raise S3RequestError("PUT", path, resp.status, body)
+        return Result(t1 - t0, size, etag=(resp.getheader("ETag") or "").strip('"'))
+
+    def get(self, bucket: str, key: str, md5: bool = False) -> Result:
+        """GET the object, reading 1 MiB at a time and discarding it.
+
+        With C{md5=True} the bytes are also fed to an incremental MD5 (that
+        cost is then inside the timing)."""
+        path = self.path(bucket, key)
+        headers = self._signed_headers("GET", path)
+        self._connection()
+        view = memoryview(self._buf)
+        digest = hashlib.md5() if md5 else None
+        total = 0
+        t0 = time.perf_counter()
+        try:
+            resp = self._start("GET", path, headers).getresponse()
+            if resp.status != 200:
+                body = resp.read()
+                self._finish(resp)
+                raise S3RequestError("GET", path, resp.status, body)
+            while True:
+                n = resp.readinto(view)
+                if not n:
+                    break
+                total += n
+                if digest is not None:
+                    digest.update(view[:n])
+        except (ConnectionError, http.client.HTTPException):
+            self.close()
+            raise
+        t1 = time.perf_counter()
+        length = resp.getheader("Content-Length")
+        self._finish(resp)
+        if length is not None and int(length) != total:
+            raise IOError(f"GET {path}: Content-Length {length} but read {total} bytes")
+        return Result(t1 - t0, total, etag=(resp.getheader("ETag") or "").strip('"'),
+                      md5=digest.hexdigest() if digest is not None else "")
+
+    def get_slowly(self, bucket: str, key: str, rate: float, seconds: float) -> int:
+        """Start a GET, read at about C{rate} bytes/s for C{seconds}, then drop
+        the connection mid-body (a slow client that goes away). Returns the
+        bytes read."""
+        path = self.path(bucket, key)
+        headers = self._signed_headers("GET", path)
+        view = memoryview(self._buf)[:64 * 1024]
+        total = 0
+        try:
+            resp = self._start("GET", path, headers).getresponse()
+            if resp.status != 200:
+                raise S3RequestError("GET", path, resp.status, resp.read())
+            t0 = time.perf_counter()
+            while True:
+                elapsed = time.perf_counter() - t0
+                if elapsed >= seconds:
+                    break
+                ahead = total / rate - elapsed
+                if ahead > 0:
+                    time.sleep(min(ahead, 0.01))
+                    continue
+                n = resp.readinto(view)
+                if not n:
+                    break
+                total += n
+        finally:
+            self.close()  # abandons the rest of the body
+        return total
