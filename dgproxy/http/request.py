@@ -152,6 +152,7 @@ class StreamingRequest(server.Request):
         if self._disconnected:
             if body is not None and not isinstance(body, bytes):
                 body.close()
+            self.log_disconnect()
             return
         if not self.body_complete:
             await self.discard_body()
@@ -175,6 +176,7 @@ class StreamingRequest(server.Request):
         try:
             self.bytes_sent += await pump_to_request(body, self)
         except ClientDisconnected:
+            self.log_disconnect()
             return
         except Exception:
             # Headers are out; the only honest signal left is a cut connection.
@@ -185,6 +187,14 @@ class StreamingRequest(server.Request):
             return
         if not self._disconnected:
             self.finish()
+
+    def log_disconnect(self) -> None:
+        """The access-log line for a request whose client went away (status 499,
+        as nginx writes it); Twisted logs only finished requests."""
+        if not getattr(self, "_logged_disconnect", False) and self.site is not None:
+            self._logged_disconnect = True
+            self.code = 499
+            self.site.log(self)
 
     def body_bytes(self) -> bytes:
         """For admin resources rendered the classic Twisted way."""

@@ -76,7 +76,7 @@ class S3Front:
         except errors.S3Error as e:
             response = self.error_response(e, resource, request.request_id)
         except ClientDisconnected:
-            log.info("Client disconnected mid-request {request_id}", request_id=request.request_id)
+            request.log_disconnect()
             return
         except CodecBusy as e:
             log.warn("Codec saturated on {request_id}: {error}", request_id=request.request_id,
