@@ -122,13 +122,13 @@ class Config:
         """Every backend: the named ones, or the single default one."""
         if self.named_backends:
             return self.named_backends
-        if self.singleton_backend is not None and self.singleton_backend.type == "s3":
-            return (self.singleton_backend,)
-        if self.s3_endpoint:
+        if self.s3_endpoint:  # the environment beats the file
             return (BackendConfig("default", "s3", endpoint=self.s3_endpoint,
                                   region=self.s3_region,
                                   access_key_id=self.backend_access_key_id,
                                   secret_access_key=self.backend_secret_access_key),)
+        if self.singleton_backend is not None and self.singleton_backend.type == "s3":
+            return (self.singleton_backend,)
         return (BackendConfig("default", "filesystem", path=self.data_dir),)
 
     @property

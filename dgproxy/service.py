@@ -7,6 +7,7 @@ what it needs passed in.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from twisted.application import internet, service
@@ -55,22 +56,36 @@ class DrainingService(service.MultiService):
         self.drain_timeout = drain_timeout
 
     async def _drain(self) -> None:
+        """Let in-flight requests finish, then close every connection once its
+        response is written, all within the drain timeout."""
         self.site.draining = True
+        deadline = reactor.seconds() + self.drain_timeout
         pending = list(self.site.inflight)
-        if not pending:
-            return
-        log.info("Draining {n} in-flight request(s) (up to {t}s)", n=len(pending),
-                 t=self.drain_timeout)
-        done = defer.DeferredList(pending, consumeErrors=True)
-        timeout = task.deferLater(reactor, self.drain_timeout, lambda: None)
-        await defer.DeferredList([done, timeout], fireOnOneCallback=True, consumeErrors=True)
-        if not timeout.called:
-            timeout.cancel()
+        if pending:
+            log.info("Draining {n} in-flight request(s) (up to {t}s)", n=len(pending),
+                     t=self.drain_timeout)
+            await _within(defer.DeferredList(pending, consumeErrors=True),
+                          deadline - reactor.seconds())
+        closing = self.site.close_connections()
+        if closing:
+            await _within(defer.DeferredList(closing, consumeErrors=True),
+                          max(0.0, deadline - reactor.seconds()))
+        # twistd would re-raise SIGTERM to exit; a completed drain is a clean exit.
+        if getattr(reactor, "_exitSignal", None) == signal.SIGTERM:
+            reactor._exitSignal = None
 
     def stopService(self):
         d = defer.maybeDeferred(super().stopService)
         d.addCallback(lambda _: defer.ensureDeferred(self._drain()))
         return d
+
+
+async def _within(d: defer.Deferred, seconds: float) -> None:
+    """Wait for C{d}, at most C{seconds}."""
+    timeout = task.deferLater(reactor, max(0.0, seconds), lambda: None)
+    await defer.DeferredList([d, timeout], fireOnOneCallback=True, consumeErrors=True)
+    if not timeout.called:
+        timeout.cancel()
 
 
 def build_backends(config: Config, spool: Spool):
@@ -156,7 +171,7 @@ def build(config: Config) -> DrainingService:
                                     lambda: defer.ensureDeferred(multipart.sweep_all()))
     sweeper.setServiceParent(top)
 
-    log.info("dgproxy {version} listening on {addr}", version=__version__, addr=config.listen_addr)
+    log.info("dgproxy {version} starting on {addr}", version=__version__, addr=config.listen_addr)
     log.info("Config: {source}", source=config.source)
     for line in descriptions:
         log.info("{line}", line=line)
@@ -164,7 +179,7 @@ def build(config: Config) -> DrainingService:
              "({spool_swept} stale file(s) swept)", mb=config.cache_mb,
              slots=config.codec_concurrency, xdelta3=xdelta3_version, spool=spool.directory,
              spool_swept=spool_swept)
-    if config.open_access:
+    if authenticator.open_access:
         log.warn("Authentication: none — all S3 data is accessible without credentials")
     else:
         log.info("Authentication: SigV4 with access key {akid}", akid=config.access_key_id)

@@ -142,6 +142,7 @@ class CodecRun(protocol.ProcessProtocol):
         self.transport.write(data)
         if self._gate.open is not None:
             await self._gate.open
+        self._arm()  # the child took input: that is progress too
 
     async def finish(self) -> int:
         """Close stdin, wait for exit; returns the output size or raises."""

@@ -320,9 +320,9 @@ class ObjectStore:
             if expected_md5 is not None and received.md5 != expected_md5:
                 raise ChecksumMismatch(received.md5)
             delta_size = None
-            encoded = run is not None
+            encoded = False
             if run is not None:
-                delta_size = await self._finish_encode(run)
+                delta_size, encoded = await self._finish_encode(run)
                 self.stats.encode_seconds.append(time.monotonic() - started)
                 run = None
             if ref is None:
@@ -334,8 +334,10 @@ class ObjectStore:
                     delta.release()
                 delta = self.spool.create("delta")
                 delta_size = await self._encode_file(ref.path, spool, delta, received.size, ratio)
-            return await self._decide(bucket, okey, received, ref, delta, delta_size, ratio,
-                                      fields)
+            return await self.locks.run(
+                (self.backend.name, bucket, ds),
+                lambda: self._decide(bucket, okey, received, ref, delta, delta_size, ratio,
+                                     fields, recheck=True))
         except BaseException:
             if run is not None:
                 run.abort()
@@ -355,14 +357,16 @@ class ObjectStore:
             raise IntegrityError(f"reference of {bucket}/{ds or '(root)'} is corrupt") from None
 
     @staticmethod
-    async def _finish_encode(run) -> Optional[int]:
+    async def _finish_encode(run) -> tuple[Optional[int], bool]:
+        """(delta size or None when the delta lost, whether the answer is final);
+        a failed run is not final: the caller may encode again from the spool."""
         try:
-            return await run.finish()
+            return await run.finish(), True
         except OutputTooLarge:
-            return None
+            return None, True
         except CodecError as e:
-            log.warn("Delta encode failed, storing the original: {error}", error=str(e))
-            return None
+            log.warn("Delta encode failed: {error}", error=str(e))
+            return None, False
 
     async def _encode_file(self, ref_path: str, body: SpoolFile, out: SpoolFile, size: int,
                            ratio: float) -> Optional[int]:
@@ -380,7 +384,7 @@ class ObjectStore:
             pass
         finally:
             source.close()
-        result = await self._finish_encode(run)
+        result, _ = await self._finish_encode(run)
         self.stats.encode_seconds.append(time.monotonic() - started)
         return result
 
@@ -415,9 +419,23 @@ class ObjectStore:
 
     async def _decide(self, bucket, okey: ObjectKey, body: _Body, ref: ReferenceFile,
                       delta: Optional[SpoolFile], delta_size: Optional[int], ratio: float,
-                      fields, created_reference: bool = False) -> ObjectMetadata:
+                      fields, created_reference: bool = False,
+                      recheck: bool = False) -> ObjectMetadata:
+        """Under the deltaspace lock: keep the delta or the original.
+
+        With C{recheck}, the reference the delta was made against must still
+        be the deltaspace's reference (the last object's delete may have
+        removed it meanwhile); if not, the original is stored."""
         keep = (delta is not None and delta_size is not None and body.size > 0
                 and delta_size / body.size < ratio)
+        if keep and recheck:
+            current = await self.backend.stat(bucket, okey.reference_key)
+            if (current is None or current.metadata is None
+                    or current.metadata.file_sha256 != ref.metadata.file_sha256):
+                log.info("Reference of {bucket}/{ds} changed during the upload of {key}; "
+                         "storing it whole", bucket=bucket, ds=okey.deltaspace or "(root)",
+                         key=okey.key)
+                keep = False
         if not keep:
             meta = await self._store_passthrough_file(bucket, okey, body, fields)
             if created_reference:

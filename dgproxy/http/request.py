@@ -204,6 +204,13 @@ class StreamingRequest(server.Request):
 class StreamingChannel(http.HTTPChannel):
     """An L{HTTPChannel} that dispatches when the headers are complete."""
 
+    on_close = None
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        if self.on_close is not None:
+            self.on_close()
+
     def allHeadersReceived(self) -> None:
         req = self.requests[-1]
         req.parseCookies()

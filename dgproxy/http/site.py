@@ -37,6 +37,25 @@ class DGSite(server.Site):
         self.s3_handler = s3_handler
         self.draining = False
         self.inflight: set = set()
+        self.channels: dict = {}  # open connection -> Deferred fired when it closes
+
+    def buildProtocol(self, addr):
+        channel = super().buildProtocol(addr)
+        closed = defer.Deferred()
+        self.channels[channel] = closed
+        channel.on_close = lambda: (self.channels.pop(channel, None),
+                                    closed.called or closed.callback(None))
+        return channel
+
+    def close_connections(self) -> list:
+        """Ask every open connection to close once its output is written;
+        Deferreds that fire as they do."""
+        waiting = list(self.channels.values())
+        for channel in list(self.channels):
+            channel.persistent = False
+            if not channel.requests:
+                channel.loseConnection()
+        return waiting
 
     def dispatch(self, request: StreamingRequest) -> None:
         if request._disconnected:

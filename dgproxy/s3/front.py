@@ -19,7 +19,8 @@ from dgproxy.s3.call import Response, S3Call, parse_query
 from dgproxy.s3.names import parse_target
 from dgproxy.s3.multipart_ops import MultipartOperations
 from dgproxy.s3.operations import Operations
-from dgproxy.storage.interface import BackendUnavailable, StorageError, UpstreamError
+from dgproxy.storage.interface import (
+    BackendUnavailable, BucketMissing, StorageError, UpstreamError)
 from dgproxy.streams import ClientDisconnected
 
 log = Logger(namespace="dgproxy.s3")
@@ -86,6 +87,9 @@ class S3Front:
             log.error("Integrity failure on {request_id}: {error}", request_id=request.request_id,
                       error=str(e))
             response = self.error_response(errors.InternalError(), resource, request.request_id)
+        except BucketMissing as e:
+            response = self.error_response(errors.NoSuchBucket(BucketName=str(e)), resource,
+                                           request.request_id)
         except BackendUnavailable as e:
             response = self.error_response(
                 errors.ServiceUnavailable(f"The storage backend '{e.backend}' is unavailable."),

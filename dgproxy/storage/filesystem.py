@@ -218,7 +218,12 @@ class FilesystemBackend:
         return deferToThread(scan)
 
     def bucket_exists(self, bucket: str) -> defer.Deferred:
-        return deferToThread(lambda: os.path.isdir(self._bucket_dir(bucket)))
+        def exists():
+            try:
+                return os.path.isdir(self._bucket_dir(bucket))
+            except BucketMissing:  # a name no bucket directory can have
+                return False
+        return deferToThread(exists)
 
     def create_bucket(self, bucket: str) -> defer.Deferred:
         def create():
@@ -253,6 +258,10 @@ class FilesystemBackend:
             st = os.stat(path)
         except (FileNotFoundError, NotADirectoryError):
             return None
+        except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:
+                return None
+            raise
         if not os.path.isfile(path):
             return None
         raw = _get_xattr(path)
@@ -289,6 +298,10 @@ class FilesystemBackend:
                 f = open(path, "rb")
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 return None
+            except OSError as e:
+                if e.errno == errno.ENAMETOOLONG:
+                    return None
+                raise
             return FileSource(f, offset, length)
         return deferToThread(open_)
 
