@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional
 
 import yaml
@@ -102,6 +102,7 @@ class Config:
     drain_timeout_secs: int = 30
     virtual_host_domains: tuple[str, ...] = ("localhost",)
     named_backends: tuple[BackendConfig, ...] = ()
+    backend_encryption: Mapping[str, Any] = field(default_factory=dict)
     singleton_backend: Optional[BackendConfig] = None
     default_backend: Optional[str] = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
@@ -122,14 +123,16 @@ class Config:
         """Every backend: the named ones, or the single default one."""
         if self.named_backends:
             return self.named_backends
+        enc = self.backend_encryption
         if self.s3_endpoint:  # the environment beats the file
             return (BackendConfig("default", "s3", endpoint=self.s3_endpoint,
                                   region=self.s3_region,
                                   access_key_id=self.backend_access_key_id,
-                                  secret_access_key=self.backend_secret_access_key),)
+                                  secret_access_key=self.backend_secret_access_key,
+                                  encryption=enc),)
         if self.singleton_backend is not None and self.singleton_backend.type == "s3":
-            return (self.singleton_backend,)
-        return (BackendConfig("default", "filesystem", path=self.data_dir),)
+            return (replace(self.singleton_backend, encryption=enc),)
+        return (BackendConfig("default", "filesystem", path=self.data_dir, encryption=enc),)
 
     @property
     def default_backend_name(self) -> str:
@@ -326,7 +329,40 @@ def _parse_backend(spec: Any, key: str, source: str, name: Optional[str] = None)
         force_path_style=_convert(spec.get("force_path_style", True), "bool",
                                   key + ".force_path_style", source),
         access_key_id=spec.get("access_key_id"), secret_access_key=spec.get("secret_access_key"),
-        encryption=_mapping(spec.get("encryption"), key + ".encryption", source))
+        encryption=_parse_encryption(spec.get("encryption"), key + ".encryption", source))
+
+
+_ENCRYPTION_KEYS = {"mode", "key", "key_id", "legacy_key", "legacy_key_id", "kms_key_id",
+                    "bucket_key_enabled"}
+_KEY_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+def _parse_encryption(spec: Any, key: str, source: str) -> Mapping[str, Any]:
+    """An C{encryption:} block: checked shape, values kept as written."""
+    spec = dict(_mapping(spec, key, source))
+    _check_keys(spec, _ENCRYPTION_KEYS, key + ".", source)
+    mode = spec.setdefault("mode", "none")
+    if mode not in ("none", "aes256-gcm-proxy", "sse-kms", "sse-s3"):
+        raise ConfigError(key + ".mode", source,
+                          "must be one of none, aes256-gcm-proxy, sse-kms, sse-s3")
+    for field_name in ("key_id", "legacy_key_id"):
+        value = spec.get(field_name)
+        if value is not None and not _KEY_ID.match(str(value)):
+            raise ConfigError(f"{key}.{field_name}", source, "must match [A-Za-z0-9_.-]{1,64}")
+    for field_name in ("key", "legacy_key"):
+        value = spec.get(field_name)
+        if value not in (None, ""):
+            try:
+                raw = bytes.fromhex(str(value).strip())
+            except ValueError:
+                raise ConfigError(f"{key}.{field_name}", source, "invalid hex key") from None
+            if len(raw) != 32:
+                raise ConfigError(f"{key}.{field_name}", source,
+                                  f"key must be 32 bytes (64 hex chars), got {len(raw)}")
+    if bool(spec.get("legacy_key")) != bool(spec.get("legacy_key_id")):
+        raise ConfigError(key + ".legacy_key", source,
+                          "legacy_key and legacy_key_id go together")
+    return spec
 
 
 def from_mapping(doc: Mapping[str, Any], source: str, env: Mapping[str, str]) -> Config:
@@ -371,6 +407,9 @@ def from_mapping(doc: Mapping[str, Any], source: str, env: Mapping[str, str]) ->
                 values["data_dir"] = single.path
         else:
             values["singleton_backend"] = single
+    if storage.get("backend_encryption") is not None:
+        values["backend_encryption"] = _parse_encryption(
+            storage["backend_encryption"], "storage.backend_encryption", source)
     backends = storage.get("backends") or []
     if not isinstance(backends, list):
         raise ConfigError("storage.backends", source, "expected a list")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from typing import Optional
 
 from twisted.application import internet, service
 from twisted.internet import defer, reactor, task
@@ -28,6 +29,7 @@ from dgproxy.s3.multipart_ops import MultipartOperations
 from dgproxy.http.site import DGSite
 from dgproxy.s3.front import S3Front
 from dgproxy.s3.operations import Operations
+from dgproxy.storage.encrypting import EncryptingBackend, KeyRing, derive_key_id, parse_key
 from dgproxy.storage.filesystem import FilesystemBackend, XattrUnsupported
 from dgproxy.storage.interface import StorageError
 from dgproxy.storage.routing import RoutingBackend
@@ -88,12 +90,95 @@ async def _within(d: defer.Deferred, seconds: float) -> None:
         timeout.cancel()
 
 
+def env_suffix(backend_name: str) -> str:
+    return backend_name.upper().replace("-", "_").replace(".", "_")
+
+
+def encryption_for(bc, env) -> tuple[KeyRing, Optional[dict], list[tuple[str, str]]]:
+    """The key ring and native-SSE settings of one backend, and the start-up
+    messages (level, text) about them. Env supplies only the secrets."""
+    enc = dict(bc.encryption or {})
+    mode = enc.get("mode", "none")
+    singleton = bc.name == "default"
+    key_var = "DGP_ENCRYPTION_KEY" if singleton else f"DGP_BACKEND_{env_suffix(bc.name)}_ENCRYPTION_KEY"
+    kms_var = "DGP_SSE_KMS_KEY_ID" if singleton else f"DGP_BACKEND_{env_suffix(bc.name)}_SSE_KMS_KEY_ID"
+    messages = []
+    key = legacy = None
+    key_hex = enc.get("key")
+    if mode == "aes256-gcm-proxy":
+        if env.get(key_var):
+            key_hex = env[key_var]
+        elif key_hex:
+            messages.append(("warn", f"backend '{bc.name}' encryption key was loaded from config "
+                                     f"file (not {key_var}). Keep an off-box backup of the key; if "
+                                     "the config file is lost, all encrypted objects on this "
+                                     "backend become unrecoverable."))
+        if key_hex:
+            key = parse_key(key_hex, f"backend '{bc.name}' key")
+        else:
+            messages.append(("warn", f"backend '{bc.name}' has encryption mode aes256-gcm-proxy "
+                                     "but no key is configured — writes will NOT be encrypted on "
+                                     f"this backend. Check YAML or env var ({key_var})."))
+    if enc.get("legacy_key"):
+        legacy = parse_key(enc["legacy_key"], f"backend '{bc.name}' legacy_key")
+    ring = KeyRing(
+        backend=bc.name, key=key,
+        key_id=enc.get("key_id") or (derive_key_id(bc.name, key) if key else None),
+        legacy_key=legacy,
+        legacy_key_id=enc.get("legacy_key_id") or (
+            derive_key_id(f"{bc.name}::legacy", legacy) if legacy else None))
+    if key is not None:
+        messages.append(("info", f"backend '{bc.name}' encryption: ENABLED (AES-256-GCM proxy, "
+                                 f"key_id={ring.key_id})"))
+    if legacy is not None:
+        messages.append(("info", f"backend '{bc.name}' decrypt-only shim active (legacy "
+                                 f"key_id='{ring.legacy_key_id}') — reads of objects stamped with "
+                                 "that id will decrypt with legacy_key; new writes use the current "
+                                 "mode."))
+    native = None
+    if mode in ("sse-kms", "sse-s3"):
+        if bc.type != "s3":
+            raise Fatal(f"backend '{bc.name}' uses a native S3 encryption mode ({mode}) on a "
+                        "filesystem backend — native modes require S3. Change mode to "
+                        "'aes256-gcm-proxy' or 'none'.")
+        native = {"mode": mode, "kms_key_id": env.get(kms_var) or enc.get("kms_key_id"),
+                  "bucket_key_enabled": enc.get("bucket_key_enabled", True)}
+        if mode == "sse-kms" and not native["kms_key_id"]:
+            raise Fatal(f"backend '{bc.name}' uses sse-kms but no kms_key_id is configured "
+                        f"(encryption.kms_key_id or {kms_var})")
+        messages.append(("info", f"backend '{bc.name}' encryption: ENABLED (native {mode})"))
+    return ring, native, messages
+
+
+def check_key_ids(rings: list[KeyRing], explicit: dict[str, Optional[str]]) -> None:
+    """Two backends may share an explicit key_id only with the same key bytes."""
+    seen: dict[str, KeyRing] = {}
+    for ring in rings:
+        if ring.key is None or not explicit.get(ring.backend):
+            continue
+        other = seen.get(ring.key_id)
+        if other is not None and other.key != ring.key:
+            raise Fatal(f"backends {other.backend} and {ring.backend} share key_id "
+                        f"'{ring.key_id}' but declare DIFFERENT keys. Either make the keys "
+                        "identical (intentional cross-backend portability) or give each backend a "
+                        "distinct key_id.")
+        seen[ring.key_id] = ring
+
+
 def build_backends(config: Config, spool: Spool):
     """Every configured backend, checked, behind a router when there are
     several or any bucket is routed; returns (backend, start-up log lines)."""
     backends = {}
     lines = []
+    rings = []
     for bc in config.backends:
+        try:
+            ring, native, messages = encryption_for(bc, os.environ)
+        except ValueError as e:
+            raise Fatal(str(e)) from None
+        rings.append(ring)
+        for level, text in messages:
+            (log.warn if level == "warn" else log.info)("{text}", text=text)
         if bc.type == "filesystem":
             fs = FilesystemBackend(bc.path or config.data_dir, bc.name)
             try:
@@ -114,8 +199,13 @@ def build_backends(config: Config, spool: Spool):
             except StorageError as e:
                 raise Fatal(f"S3 backend '{bc.name}' at {client.endpoint} failed its start-up "
                             f"check: {e}") from None
-            backends[bc.name] = S3Backend(client, spool)
+            backends[bc.name] = S3Backend(client, spool, native_sse=native,
+                                          full_list_metadata=ring.key is not None
+                                          or ring.legacy_key is not None)
             lines.append(f"Backend '{bc.name}': S3 at {client.endpoint} (region {bc.region})")
+    check_key_ids(rings, {bc.name: (bc.encryption or {}).get("key_id") for bc in config.backends})
+    for ring in rings:
+        backends[ring.backend] = EncryptingBackend(backends[ring.backend], ring)
     default = config.default_backend_name
     routes = {}
     for bucket, policy in config.buckets.items():
@@ -125,9 +215,10 @@ def build_backends(config: Config, spool: Spool):
             lines.append(f"Bucket '{bucket}' → backend '{target}' as '{policy.alias or bucket}'")
     for bucket, policy in config.buckets.items():
         name, real = routes.get(bucket, (default, bucket))
-        if isinstance(backends[name], FilesystemBackend):
+        inner = backends[name].inner
+        if isinstance(inner, FilesystemBackend):
             try:
-                os.makedirs(os.path.join(backends[name].root, real, "deltaspaces"), exist_ok=True)
+                os.makedirs(os.path.join(inner.root, real, "deltaspaces"), exist_ok=True)
             except OSError as e:
                 raise Fatal(f"Cannot create declared bucket {bucket!r}: {e.strerror}") from None
     if len(backends) == 1 and not routes:

@@ -253,10 +253,16 @@ class _SpoolingWriter:
 class S3Backend:
     """Blobs and their C{x-amz-meta-dg-*} metadata in an S3 service."""
 
-    def __init__(self, client: S3Client, spool, name: Optional[str] = None):
+    def __init__(self, client: S3Client, spool, name: Optional[str] = None,
+                 native_sse: Optional[dict] = None, full_list_metadata: bool = False):
+        """C{native_sse}: {mode: sse-kms|sse-s3, kms_key_id, bucket_key_enabled} to have
+        the service encrypt; C{full_list_metadata}: LIST sizes and ETags are not the
+        logical ones (proxy-side encryption), so every listed key needs metadata."""
         self.client = client
         self.spool = spool
         self.name = name or client.name
+        self.native_sse = native_sse
+        self.full_list_metadata = full_list_metadata
         self._list_meta: dict[tuple, ObjectMetadata] = {}
 
     async def check(self) -> None:
@@ -362,6 +368,15 @@ class S3Backend:
     async def put_file(self, bucket: str, key: str, path: str, meta: ObjectMetadata,
                        exclusive: bool) -> None:
         headers = {"Content-Type": "application/octet-stream", **to_s3_headers(meta, key)}
+        if self.native_sse is not None:
+            if self.native_sse["mode"] == "sse-kms":
+                headers["x-amz-server-side-encryption"] = "aws:kms"
+                headers["x-amz-server-side-encryption-aws-kms-key-id"] = self.native_sse["kms_key_id"]
+                if self.native_sse.get("bucket_key_enabled", True):
+                    headers["x-amz-server-side-encryption-bucket-key-enabled"] = "true"
+            else:
+                headers["x-amz-server-side-encryption"] = "AES256"
+            headers["x-amz-meta-dg-encrypted-native"] = self.native_sse["mode"]
         if exclusive:
             headers["If-None-Match"] = "*"
         response = await self.client.request("PUT", bucket, key, headers=headers,
@@ -428,7 +443,8 @@ class S3Backend:
     async def _with_list_metadata(self, bucket: str, objects: list[StoredObject]):
         """Fill metadata where LIST alone cannot give the original size/ETag."""
         need = [i for i, o in enumerate(objects)
-                if o.key.endswith(DELTA_SUFFIX) or "-" in (o.etag or "")]
+                if self.full_list_metadata or o.key.endswith(DELTA_SUFFIX)
+                or "-" in (o.etag or "")]
         sem = defer.DeferredSemaphore(LIST_HEAD_CONCURRENCY)
 
         async def fill(i: int) -> None:
