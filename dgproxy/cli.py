@@ -40,6 +40,64 @@ def _hash_password(args) -> int:
     return 0
 
 
+def _admin_request(endpoint: str, method: str, path: str, body: bytes = b""):
+    """A SigV4-signed request to the running proxy's admin API."""
+    import hashlib
+    import json
+    import os
+    import urllib.error
+    import urllib.request
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+    akid = os.environ.get("DGP_ACCESS_KEY_ID") or os.environ.get("AWS_ACCESS_KEY_ID")
+    secret = os.environ.get("DGP_SECRET_ACCESS_KEY") or os.environ.get("AWS_SECRET_ACCESS_KEY")
+    url = endpoint.rstrip("/") + path
+    headers = {"Content-Type": "application/json",
+               "x-amz-content-sha256": hashlib.sha256(body).hexdigest()}
+    req = AWSRequest(method=method, url=url, data=body, headers=headers)
+    if akid and secret:
+        SigV4Auth(Credentials(akid, secret), "s3", "us-east-1").add_auth(req)
+    r = urllib.request.Request(url, data=body or None, method=method, headers=dict(req.headers))
+    try:
+        with urllib.request.urlopen(r, timeout=30) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        try:
+            return e.code, json.loads(e.read() or b"{}")
+        except ValueError:
+            return e.code, {}
+
+
+def _reencrypt(args) -> int:
+    import json
+    import time
+    status, doc = _admin_request(args.endpoint, "POST", "/_/api/admin/jobs/reencrypt",
+                                 json.dumps({"buckets": args.buckets}).encode())
+    if status != 202:
+        print(f"refused ({status}): {doc}", file=sys.stderr)
+        return 1
+    for err in doc.get("errors", []):
+        print(f"{err['bucket']}: {err['error']}", file=sys.stderr)
+    pending = [s["bucket"] for s in doc.get("started", [])]
+    code = 0 if not doc.get("errors") else 1
+    while pending:
+        time.sleep(args.interval)
+        for bucket in list(pending):
+            status, st = _admin_request(args.endpoint, "GET",
+                                        f"/_/api/admin/jobs/reencrypt?bucket={bucket}")
+            done = (st.get("rewritten", 0) + st.get("skipped", 0) + st.get("failed", 0))
+            print(f"{bucket}: {st.get('status', status)} {done}/{st.get('total') or '?'} "
+                  f"(rewritten {st.get('rewritten', 0)}, failed {st.get('failed', 0)})", flush=True)
+            if st.get("status") != "running":
+                pending.remove(bucket)
+                if st.get("status") != "succeeded":
+                    code = 1
+                    for err in st.get("errors", [])[:10]:
+                        print(f"  {err.get('key')}: {err.get('error')}", file=sys.stderr)
+    return code
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="dgproxy", description="dgproxy offline tools")
     parser.add_argument("--version", action="version", version=f"dgproxy {__version__}")
@@ -51,6 +109,13 @@ def main(argv=None) -> int:
     lint.set_defaults(func=_lint)
     hp = sub.add_parser("hash-password", help="print a bcrypt hash for DGP_BOOTSTRAP_PASSWORD_HASH")
     hp.set_defaults(func=_hash_password)
+    re = sub.add_parser("reencrypt", help="rewrite buckets under their backend's current key "
+                                         "(on a running proxy; writes to them get 503 meanwhile)")
+    re.add_argument("buckets", nargs="+")
+    re.add_argument("--endpoint", default="http://127.0.0.1:9000",
+                    help="the proxy's URL (credentials from DGP_ACCESS_KEY_ID/DGP_SECRET_ACCESS_KEY)")
+    re.add_argument("--interval", type=float, default=1.0, help="seconds between progress lines")
+    re.set_defaults(func=_reencrypt)
     args = parser.parse_args(argv)
     return args.func(args)
 

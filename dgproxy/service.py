@@ -16,7 +16,9 @@ from twisted.internet import defer, reactor, task
 from twisted.logger import Logger
 
 from dgproxy import __version__
+from dgproxy.admin.jobs import ReencryptResource
 from dgproxy.admin.tree import build_admin_root
+from dgproxy.storage.reencrypt import ReencryptJobs
 from dgproxy.auth.authenticator import Authenticator
 from dgproxy.config import Config, ConfigError, load
 from dgproxy.engine.codec import Codec, check_xdelta3
@@ -250,8 +252,11 @@ def build(config: Config) -> DrainingService:
     multipart = Multipart(store, config.max_multipart_uploads, config.multipart_idle_ttl_hours)
     front = S3Front(authenticator, operations, MultipartOperations(operations, multipart),
                     config.virtual_host_domains)
+    front.write_gate = lambda bucket: jobs.blocked(bucket)
+    jobs = ReencryptJobs(backend)
     admin = build_admin_root(lambda: (200, {"status": "ok", "version": __version__}),
-                             lambda: (200, {"status": "ready"}))
+                             lambda: (200, {"status": "ready"}),
+                             reencrypt=ReencryptResource(authenticator, jobs, backend.bucket_exists))
     site = DGSite(front, admin)
     site.displayTracebacks = False
 
@@ -261,6 +266,8 @@ def build(config: Config) -> DrainingService:
     sweeper = internet.TimerService(config.multipart_sweep_interval_secs,
                                     lambda: defer.ensureDeferred(multipart.sweep_all()))
     sweeper.setServiceParent(top)
+    reactor.callWhenRunning(lambda: defer.ensureDeferred(jobs.resume_all()).addErrback(
+        lambda f: log.failure("Resuming re-encrypt jobs failed", f)))
 
     log.info("dgproxy {version} starting on {addr}", version=__version__, addr=config.listen_addr)
     log.info("Config: {source}", source=config.source)

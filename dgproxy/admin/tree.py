@@ -41,13 +41,22 @@ class AdminRoot(resource.Resource):
         return _NotFound()
 
 
-def build_admin_root(health, ready) -> resource.Resource:
-    """The site root: C{/_/health} and C{/_/ready}; C{health}/C{ready} return (status, doc)."""
+def build_admin_root(health, ready, reencrypt=None, metrics=None) -> resource.Resource:
+    """The site root: C{/_/health}, C{/_/ready}, C{/_/metrics} and the admin API;
+    C{health}/C{ready} return (status, doc)."""
     root = resource.Resource()
     under = AdminRoot()
     root.putChild(b"_", under)
     under.putChild(b"health", JSONResource(health))
     under.putChild(b"ready", JSONResource(ready))
+    if metrics is not None:
+        under.putChild(b"metrics", metrics)
+    api, admin, jobs = AdminRoot(), AdminRoot(), AdminRoot()
+    under.putChild(b"api", api)
+    api.putChild(b"admin", admin)
+    admin.putChild(b"jobs", jobs)
+    if reencrypt is not None:
+        jobs.putChild(b"reencrypt", reencrypt)
     return root
 
 

@@ -51,6 +51,7 @@ class S3Front:
         self.authenticator = authenticator
         self.ops = operations
         self.mp = multipart
+        self.write_gate = lambda bucket: False
         self.virtual_host_domains = tuple(virtual_host_domains)
 
     async def handle(self, request) -> None:
@@ -67,6 +68,10 @@ class S3Front:
             request.principal = principal.name
             call = S3Call(request, target, parse_query(request.raw_query), auth)
             operation = self.route(call)
+            if (target.bucket is not None and call.method in ("PUT", "POST", "DELETE")
+                    and self.write_gate(target.bucket)):
+                raise errors.SlowDown("A maintenance job is rewriting this bucket; writes are "
+                                      "paused until it finishes.")
             request.operation = operation.__name__
             response = await operation(call)
         except AuthFailure as failure:

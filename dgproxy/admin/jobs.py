@@ -1,0 +1,99 @@
+"""C{/_/api/admin/jobs/reencrypt}: start and watch re-encryption jobs.
+
+Until the admin session layer exists, these endpoints take the same SigV4
+credentials as S3 (the C{dgproxy reencrypt} command signs its requests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from dgproxy.auth.sigv4 import AuthFailure, SignedRequest
+
+log = Logger(namespace="dgproxy.admin")
+MAX_BUCKETS = 100
+
+
+def _json(request, status: int, doc) -> None:
+    data = json.dumps(doc).encode()
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", b"%d" % len(data))
+    request.write(data)
+    request.finish()
+
+
+class ReencryptResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, authenticator, jobs, bucket_exists):
+        super().__init__()
+        self.authenticator = authenticator
+        self.jobs = jobs
+        self.bucket_exists = bucket_exists
+
+    def _authorised(self, request) -> bool:
+        if self.authenticator.open_access:
+            return True
+        signed = SignedRequest(method=request.method.decode("latin-1"), raw_path=request.raw_path,
+                               raw_query=request.raw_query, headers=request.header_map())
+        try:
+            _, auth = self.authenticator.authenticate(signed)
+        except AuthFailure as f:
+            log.info("Admin request refused ({reason})", reason=f.reason)
+            return False
+        declared = (auth.payload_hash or "").lower()
+        if len(declared) == 64:
+            actual = hashlib.sha256(request.body_bytes()).hexdigest()
+            return hmac.compare_digest(declared, actual)
+        return True
+
+    def render_GET(self, request):
+        if not self._authorised(request):
+            _json(request, 403, {"error": "access_denied"})
+            return server.NOT_DONE_YET
+        bucket = request.args.get(b"bucket", [b""])[0].decode("utf-8", "replace")
+        d = defer.ensureDeferred(self.jobs.status(bucket))
+        d.addCallback(lambda st: _json(request, 200 if st else 404,
+                                       st or {"error": "no_job", "bucket": bucket}))
+        d.addErrback(lambda f: (log.failure("status failed", f),
+                                _json(request, 500, {"error": "internal"})))
+        return server.NOT_DONE_YET
+
+    def render_POST(self, request):
+        if not self._authorised(request):
+            _json(request, 403, {"error": "access_denied"})
+            return server.NOT_DONE_YET
+        try:
+            buckets = json.loads(request.body_bytes() or b"{}").get("buckets")
+        except (ValueError, AttributeError):
+            buckets = None
+        if not isinstance(buckets, list) or not buckets or not all(isinstance(b, str) for b in buckets):
+            _json(request, 400, {"error": "bad_request", "message": "no buckets given"})
+            return server.NOT_DONE_YET
+        if len(buckets) > MAX_BUCKETS:
+            _json(request, 400, {"error": "bad_request", "message": "too many buckets (max 100)"})
+            return server.NOT_DONE_YET
+
+        async def start():
+            started, failed = [], []
+            for bucket in buckets:
+                if not await self.bucket_exists(bucket):
+                    failed.append({"bucket": bucket, "error": "bucket not found"})
+                    continue
+                state = self.jobs.start(bucket)
+                started.append({"bucket": bucket, "status": state["status"]})
+                log.info("AUDIT | action=reencrypt_started | bucket={bucket}", bucket=bucket)
+            return {"started": started, "errors": failed}
+
+        d = defer.ensureDeferred(start())
+        d.addCallback(lambda doc: _json(request, 202, doc))
+        d.addErrback(lambda f: (log.failure("start failed", f),
+                                _json(request, 500, {"error": "internal"})))
+        return server.NOT_DONE_YET
