@@ -13,11 +13,14 @@ from typing import Optional
 
 from twisted.application import internet, service
 from twisted.internet import defer, reactor, task
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 
 from dgproxy import __version__
 from dgproxy.admin.jobs import ReencryptResource
 from dgproxy.admin.tree import build_admin_root
+from dgproxy.observability.health import Readiness, health_doc
+from dgproxy.observability.logging import LogLevelError, make_observer
+from dgproxy.observability.metrics import Metrics, MetricsResource, PrometheusEngineStats
 from dgproxy.storage.reencrypt import ReencryptJobs
 from dgproxy.auth.authenticator import Authenticator
 from dgproxy.config import Config, ConfigError, load
@@ -54,10 +57,17 @@ class Fatal(Exception):
 class DrainingService(service.MultiService):
     """Stops listening first, then waits (bounded) for in-flight requests."""
 
-    def __init__(self, site: DGSite, drain_timeout: int):
+    def __init__(self, site: DGSite, drain_timeout: int, log_observer=None):
         super().__init__()
         self.site = site
         self.drain_timeout = drain_timeout
+        self.log_observer = log_observer
+
+    def setServiceParent(self, parent):
+        super().setServiceParent(parent)
+        # twistd starts logging with the application's ILogObserver, if it has one.
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.log_observer)
 
     async def _drain(self) -> None:
         """Let in-flight requests finish, then close every connection once its
@@ -244,24 +254,33 @@ def build(config: Config) -> DrainingService:
     backend, descriptions = build_backends(config, spool)
     codec = Codec(reactor, config.codec_concurrency)
     cache = ReferenceCache(config.cache_mb * 1024 * 1024)
+    default_type = next(b.type for b in config.backends if b.name == config.default_backend_name)
+    metrics = Metrics(default_type)
     store = ObjectStore(backend, config.max_object_size, DeltaPolicy.from_config(config), codec,
-                        References(backend, cache, spool), spool)
+                        References(backend, cache, spool), spool, PrometheusEngineStats(metrics))
     authenticator = Authenticator(config.access_key_id, config.secret_access_key,
                                   config.open_access, config.clock_skew_seconds)
     operations = Operations(store, config.max_object_size)
     multipart = Multipart(store, config.max_multipart_uploads, config.multipart_idle_ttl_hours)
     front = S3Front(authenticator, operations, MultipartOperations(operations, multipart),
-                    config.virtual_host_domains)
+                    config.virtual_host_domains, metrics)
+    metrics.watch(cache, codec, multipart)
+    readiness = Readiness(backend)
     front.write_gate = lambda bucket: jobs.blocked(bucket)
     jobs = ReencryptJobs(backend)
-    admin = build_admin_root(lambda: (200, {"status": "ok", "version": __version__}),
-                             lambda: (200, {"status": "ready"}),
-                             reencrypt=ReencryptResource(authenticator, jobs, backend.bucket_exists))
-    site = DGSite(front, admin)
+    admin = build_admin_root(lambda: (200, health_doc(config, cache)), readiness.report,
+                             reencrypt=ReencryptResource(authenticator, jobs, backend.bucket_exists),
+                             metrics=MetricsResource(metrics))
+    site = DGSite(front, admin, metrics)
     site.displayTracebacks = False
 
     host, port = config.listen_host_port
-    top = DrainingService(site, config.drain_timeout_secs)
+    try:
+        observer = make_observer(config.log_level, config.log_format)
+    except LogLevelError as e:
+        raise Fatal(f"DGP_LOG_LEVEL: {e}") from None
+    top = DrainingService(site, config.drain_timeout_secs, observer)
+    readiness.start()
     internet.TCPServer(port, site, interface=host).setServiceParent(top)
     sweeper = internet.TimerService(config.multipart_sweep_interval_secs,
                                     lambda: defer.ensureDeferred(multipart.sweep_all()))

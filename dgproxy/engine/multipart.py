@@ -176,6 +176,10 @@ class Multipart:
         _, prefixes = await self.backend.list(bucket, ROOT, "/")
         return [p[len(ROOT):].rstrip("/") for p in prefixes if _valid_id(p[len(ROOT):].rstrip("/"))]
 
+    def open_uploads(self) -> int:
+        """Open uploads this process knows of (buckets it has counted)."""
+        return sum(self._open_counts.values())
+
     async def _count(self, bucket: str) -> int:
         if bucket not in self._open_counts:
             self._open_counts[bucket] = len(await self._open_uploads(bucket))

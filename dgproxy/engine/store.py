@@ -50,12 +50,25 @@ class IntegrityError(Exception):
 
 @dataclass
 class EngineStats:
-    """Counters the metrics endpoint reads."""
+    """What the engine reports about its work; the metrics layer subclasses
+    this to feed Prometheus (the engine never imports it)."""
 
     decisions: Counter = field(default_factory=Counter)
-    encode_seconds: list = field(default_factory=list)
-    decode_seconds: list = field(default_factory=list)
     bytes_saved: int = 0
+    encodes: int = 0
+    decodes: int = 0
+
+    def decision(self, label: str) -> None:
+        self.decisions[label] += 1
+
+    def delta_stored(self, original: int, delta: int) -> None:
+        self.bytes_saved += original - delta
+
+    def encoded(self, seconds: float) -> None:
+        self.encodes += 1
+
+    def decoded(self, seconds: float) -> None:
+        self.decodes += 1
 
 
 @dataclass(frozen=True)
@@ -276,7 +289,7 @@ class ObjectStore:
             raise
         # A passthrough write supersedes any delta of the same key.
         await self.backend.delete(bucket, okey.delta_key)
-        self.stats.decisions[PASSTHROUGH] += 1
+        self.stats.decision(PASSTHROUGH)
         return meta
 
     async def _put_candidate(self, bucket, okey: ObjectKey, body, expected_md5, size_hint,
@@ -323,7 +336,7 @@ class ObjectStore:
             encoded = False
             if run is not None:
                 delta_size, encoded = await self._finish_encode(run)
-                self.stats.encode_seconds.append(time.monotonic() - started)
+                self.stats.encoded(time.monotonic() - started)
                 run = None
             if ref is None:
                 return await self.locks.run(
@@ -385,7 +398,7 @@ class ObjectStore:
         finally:
             source.close()
         result, _ = await self._finish_encode(run)
-        self.stats.encode_seconds.append(time.monotonic() - started)
+        self.stats.encoded(time.monotonic() - started)
         return result
 
     async def _put_first(self, bucket, okey: ObjectKey, body: _Body, ratio, fields):
@@ -447,15 +460,15 @@ class ObjectStore:
             delta_cmd=f"xdelta3 -e -9 -s {REFERENCE_NAME} {okey.filename} {okey.filename}.delta")
         await self._store_file(bucket, okey.delta_key, delta, meta)
         await self.backend.delete(bucket, okey.passthrough_key)
-        self.stats.decisions[REFERENCE if created_reference else DELTA] += 1
-        self.stats.bytes_saved += body.size - delta_size
+        self.stats.decision(REFERENCE if created_reference else DELTA)
+        self.stats.delta_stored(body.size, delta_size)
         return meta
 
     async def _store_passthrough_file(self, bucket, okey: ObjectKey, body: _Body, fields):
         meta = self._metadata(okey, body.size, body.md5, body.sha256, PASSTHROUGH, fields)
         await self._store_file(bucket, okey.passthrough_key, body.spool, meta)
         await self.backend.delete(bucket, okey.delta_key)
-        self.stats.decisions[PASSTHROUGH] += 1
+        self.stats.decision(PASSTHROUGH)
         return meta
 
     async def _store_file(self, bucket: str, stored_key: str, spool: SpoolFile,
@@ -554,7 +567,7 @@ class ObjectStore:
                           bucket=bucket, key=version.key, size=meta.file_size,
                           expected=meta.file_sha256, actual_size=out.size, actual=actual)
                 raise IntegrityError("checksum mismatch")
-            self.stats.decode_seconds.append(time.monotonic() - started)
+            self.stats.decoded(time.monotonic() - started)
             out.flush()
             return out
         except BaseException:

@@ -100,6 +100,11 @@ class StreamingRequest(server.Request):
             self.body.fail(ClientDisconnected("client disconnected during the request body"))
         super().connectionLost(reason)
 
+    def write(self, data: bytes) -> None:
+        if self.method != b"HEAD" and not self._disconnected:
+            self.bytes_sent += len(data)
+        super().write(data)
+
     # -- what handlers use ----------------------------------------------------
     @property
     def body_complete(self) -> bool:
@@ -164,7 +169,6 @@ class StreamingRequest(server.Request):
             self.setHeader(b"content-length", b"%d" % (len(data) if length is None else length))
             if self.method != b"HEAD" and data:
                 self.write(data)
-                self.bytes_sent += len(data)
             self.finish()
             return
         if length is not None:
@@ -174,7 +178,7 @@ class StreamingRequest(server.Request):
             self.finish()
             return
         try:
-            self.bytes_sent += await pump_to_request(body, self)
+            await pump_to_request(body, self)
         except ClientDisconnected:
             self.log_disconnect()
             return

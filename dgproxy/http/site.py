@@ -32,9 +32,10 @@ class DGSite(server.Site):
     requestFactory = StreamingRequest
     protocol = StreamingChannel
 
-    def __init__(self, s3_handler, admin_root: resource.Resource, **kwargs):
+    def __init__(self, s3_handler, admin_root: resource.Resource, metrics=None, **kwargs):
         super().__init__(admin_root, **kwargs)
         self.s3_handler = s3_handler
+        self.metrics = metrics
         self.draining = False
         self.inflight: set = set()
         self.channels: dict = {}  # open connection -> Deferred fired when it closes
@@ -61,6 +62,8 @@ class DGSite(server.Site):
         if request._disconnected:
             return
         if request.raw_path.startswith(ADMIN_PREFIX) or request.raw_path == b"/_":
+            name = request.raw_path[len(ADMIN_PREFIX):].split(b"/", 1)[0].decode("latin-1")
+            request.operation = name if name in ("health", "ready", "metrics") else "admin"
             d = defer.ensureDeferred(self._render_admin(request))
         else:
             d = defer.maybeDeferred(self.s3_handler.handle, request)
@@ -99,6 +102,11 @@ class DGSite(server.Site):
     def log(self, request: StreamingRequest) -> None:
         """One access-log line per request."""
         duration = time.monotonic() - getattr(request, "started", time.monotonic())
+        if self.metrics is not None:
+            self.metrics.request_done(request.method.decode("latin-1").upper(), request.code,
+                                      getattr(request, "operation", "-"), duration,
+                                      getattr(request, "bytes_received", 0),
+                                      getattr(request, "bytes_sent", 0))
         log.info(
             "{method} {bucket} {status} {bytes_in}/{bytes_out} {duration_ms}ms "
             "{principal} {request_id} {operation}",

@@ -47,11 +47,13 @@ def not_implemented(operation: str) -> errors.S3Error:
 @implementer(IRequestHandler)
 class S3Front:
     def __init__(self, authenticator: Authenticator, operations: Operations,
-                 multipart: MultipartOperations, virtual_host_domains=("localhost",)):
+                 multipart: MultipartOperations, virtual_host_domains=("localhost",),
+                 metrics=None):
         self.authenticator = authenticator
         self.ops = operations
         self.mp = multipart
         self.write_gate = lambda bucket: False
+        self.metrics = metrics
         self.virtual_host_domains = tuple(virtual_host_domains)
 
     async def handle(self, request) -> None:
@@ -60,12 +62,15 @@ class S3Front:
             target = parse_target(request.raw_path, request.header("host"),
                                   self.virtual_host_domains)
             request.bucket = target.bucket or "-"
+            request.operation = classify(request.method.decode("latin-1").upper(), target)
             signed = SignedRequest(
                 method=request.method.decode("latin-1").upper(),
                 raw_path=request.raw_path, raw_query=request.raw_query,
                 headers=request.header_map())
             principal, auth = self.authenticator.authenticate(signed)
             request.principal = principal.name
+            if self.metrics is not None and auth is not None:
+                self.metrics.auth_ok()
             call = S3Call(request, target, parse_query(request.raw_query), auth)
             operation = self.route(call)
             if (target.bucket is not None and call.method in ("PUT", "POST", "DELETE")
@@ -75,6 +80,8 @@ class S3Front:
             request.operation = operation.__name__
             response = await operation(call)
         except AuthFailure as failure:
+            if self.metrics is not None:
+                self.metrics.auth_failed(failure.reason)
             log.info("Authentication failed ({reason}) for {ip} {request_id}",
                      reason=failure.reason, ip=request.client_ip(),
                      request_id=request.request_id)
@@ -146,7 +153,7 @@ class S3Front:
             if "delete" in q and method == "POST":
                 return ops.delete_objects
             if "uploads" in q and method == "GET":
-                return self.mp.list_uploads
+                return self.mp.list_multipart_uploads
             table = {"GET": ops.list_objects, "PUT": ops.create_bucket,
                      "HEAD": ops.head_bucket, "DELETE": ops.delete_bucket}
             if method in table:
@@ -159,10 +166,10 @@ class S3Front:
                 return ops.get_acl
             raise not_implemented("PutObjectAcl")
         if "uploads" in q and method == "POST":
-            return self.mp.create
+            return self.mp.create_multipart_upload
         if "uploadId" in q:
-            table = {"PUT": self.mp.upload_part, "POST": self.mp.complete,
-                     "DELETE": self.mp.abort, "GET": self.mp.list_parts}
+            table = {"PUT": self.mp.upload_part, "POST": self.mp.complete_multipart_upload,
+                     "DELETE": self.mp.abort_multipart_upload, "GET": self.mp.list_parts}
             if method in table:
                 return table[method]
             raise errors.MethodNotAllowed()
@@ -174,6 +181,17 @@ class S3Front:
         if method in table:
             return table[method]
         raise errors.MethodNotAllowed()
+
+
+def classify(method: str, target) -> str:
+    """A coarse operation label, known before authentication (metrics)."""
+    if target.bucket is None:
+        return "list_buckets" if method == "GET" else "head_root"
+    if target.key is None:
+        return {"GET": "list_objects", "PUT": "create_bucket", "DELETE": "delete_bucket",
+                "HEAD": "head_bucket"}.get(method, "post_bucket")
+    return {"GET": "get_object", "PUT": "put_object", "DELETE": "delete_object",
+            "HEAD": "head_object"}.get(method, "post_object")
 
 
 async def _head_root(call: S3Call) -> Response:

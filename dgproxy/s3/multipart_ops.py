@@ -100,7 +100,7 @@ class MultipartOperations:
     def _upload_id(self, call: S3Call) -> str:
         return call.query.get("uploadId", "")
 
-    async def create(self, call: S3Call) -> Response:
+    async def create_multipart_upload(self, call: S3Call) -> Response:
         check_key(call.key, ingest=True)
         await self.ops._require_bucket(call.bucket)
         upload = await self._run(self.mp.create(call.bucket, call.key, call.header("content-type"),
@@ -157,7 +157,7 @@ class MultipartOperations:
         body = xmlio.el("LastModified", xmlio.iso8601(part.modified)) + xmlio.el("ETag", part.etag)
         return Response(200, list(XML), xmlio.document("CopyPartResult", body))
 
-    async def complete(self, call: S3Call) -> Response:
+    async def complete_multipart_upload(self, call: S3Call) -> Response:
         check_key(call.key, ingest=True)
         upload_id = self._upload_id(call)
         requested = xmlio.parse_complete(await self.ops._small_body(call))
@@ -188,7 +188,7 @@ class MultipartOperations:
                 xmlio.el("Bucket", call.bucket) + xmlio.el("Key", call.key) + xmlio.el("ETag", etag))
         return xmlio.document("CompleteMultipartUploadResult", body)
 
-    async def abort(self, call: S3Call) -> Response:
+    async def abort_multipart_upload(self, call: S3Call) -> Response:
         await self._run(self.mp.abort(call.bucket, call.key, self._upload_id(call)))
         return Response(204)
 
@@ -212,7 +212,7 @@ class MultipartOperations:
                         xmlio.el("ETag", p.etag) + xmlio.el("Size", p.size) + "</Part>")
         return Response(200, list(XML), xmlio.document("ListPartsResult", "".join(body)))
 
-    async def list_uploads(self, call: S3Call) -> Response:
+    async def list_multipart_uploads(self, call: S3Call) -> Response:
         await self.ops._require_bucket(call.bucket)
         q = call.query
         prefix = q.get("prefix", "")

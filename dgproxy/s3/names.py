@@ -12,7 +12,6 @@ from dgproxy.s3 import errors
 from dgproxy.storage.metadata import DELTA_SUFFIX, REFERENCE_NAME
 
 MAX_KEY_BYTES = 1024
-MAX_SEGMENT_BYTES = 255 - len(DELTA_SUFFIX)  # a stored '<name>.delta' must fit a file name
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _TEMP_NAME = re.compile(r"^(?:\.dgtmp\.[0-9a-f]{16}|\.tmp[A-Za-z0-9]{6})$")
 _RESERVED_BUCKET_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
@@ -76,10 +75,6 @@ def check_key(key: str, *, ingest: bool) -> None:
     """Keys dgproxy can store safely; C{ingest} adds the rules for writes."""
     if len(key.encode("utf-8")) > MAX_KEY_BYTES:
         raise errors.KeyTooLongError()
-    if any(len(p.encode("utf-8")) > MAX_SEGMENT_BYTES for p in key.split("/")):
-        raise errors.KeyTooLongError(
-            f"Each '/'-separated part of a key is limited to {MAX_SEGMENT_BYTES} bytes here "
-            "(a filesystem name limit).")
     if "\0" in key or "\\" in key:
         raise errors.InvalidArgument("Object keys may not contain NUL or backslash characters.")
     parts = key.split("/")

@@ -20,7 +20,8 @@ from dgproxy.engine.store import BodyTooLarge, ChecksumMismatch, ObjectStore, Ob
 from dgproxy.s3 import conditions, errors, listing, xmlio
 from dgproxy.s3.call import Response, S3Call
 from dgproxy.s3.names import check_bucket_name, check_key
-from dgproxy.storage.interface import BucketMissing, BucketNotEmptyError, KeyConflict
+from dgproxy.storage.interface import (
+    BucketMissing, BucketNotEmptyError, KeyConflict, NameTooLong)
 from dgproxy.streams import read_all
 
 MAX_SINGLE_PUT = 5 * 1024**3
@@ -242,6 +243,10 @@ class Operations:
             return await coro
         except BucketMissing as e:
             raise errors.NoSuchBucket(BucketName=str(e)) from None
+        except NameTooLong:
+            raise errors.KeyTooLongError(
+                "A '/'-separated part of the key is too long for this storage backend "
+                "(255 bytes including the '.delta' suffix dgproxy may add).") from None
         except KeyConflict as e:
             raise errors.InvalidArgument(
                 f"The key conflicts with an existing object or prefix: {e}") from None

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from dgproxy.storage.interface import (
-    AlreadyExists, BucketInfo, BucketMissing, BucketNotEmptyError, IBackend, IObjectWriter,
+    AlreadyExists, BucketInfo, BucketMissing, NameTooLong, BucketNotEmptyError, IBackend, IObjectWriter,
     KeyConflict, StorageError, StoredObject)
 from dgproxy.storage.metadata import (
     REFERENCE_NAME, XATTR_NAME, MetadataError, ObjectMetadata)
@@ -34,6 +34,7 @@ log = Logger()
 OBJECTS_DIR = "deltaspaces"
 TEMP_NAME = re.compile(r"^(?:\.dgtmp\.[0-9a-f]{16}|\.tmp[A-Za-z0-9]{6})$")  # ours, the Rust proxy's
 PROBE_NAME = ".dg_xattr_probe"
+MAX_NAME_BYTES = 255
 
 
 def is_temp_name(name: str) -> bool:
@@ -308,6 +309,9 @@ class FilesystemBackend:
     def open_write(self, bucket: str, key: str) -> defer.Deferred:
         def open_():
             target = self._path(bucket, key)
+            if any(len(p.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES
+                   for p in key.split("/")):
+                raise NameTooLong(key)
             if not os.path.isdir(self._objects_dir(bucket)):
                 raise BucketMissing(bucket)
             directory = os.path.dirname(target)

@@ -51,6 +51,10 @@ class AlreadyExists(StorageError):
     """An exclusive commit found the key already present."""
 
 
+class NameTooLong(StorageError):
+    """A key has a part longer than this backend can name (a filesystem's 255 bytes)."""
+
+
 class KeyConflict(StorageError):
     """The key cannot be stored because part of its path is an object."""
 

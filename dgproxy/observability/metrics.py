@@ -1,0 +1,177 @@
+"""Prometheus metrics (SPEC §9), served at C{/_/metrics}.
+
+Counters and histograms are fed by the parts that own the numbers: the HTTP
+edge (every request, including those auth refused), the S3 front (auth), the
+engine (through L{PrometheusEngineStats}). Gauges whose truth lives elsewhere
+(cache, codec slots, open multipart uploads, peak RSS) are read at scrape
+time. No label ever carries a bucket name or a key.
+"""
+
+from __future__ import annotations
+
+import resource as _resource
+import sys
+
+import prometheus_client
+from prometheus_client import (
+    CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from twisted.web import resource
+
+from dgproxy import __version__
+from dgproxy.engine.store import EngineStats
+
+prometheus_client.disable_created_metrics()
+
+SIZE_BUCKETS = (1024, 10240, 102400, 1048576, 10485760, 104857600)
+CODEC_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+RATIO_BUCKETS = (0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def peak_rss_bytes() -> int:
+    peak = _resource.getrusage(_resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+class Metrics:
+    """Every collector, in one registry of its own."""
+
+    def __init__(self, backend_type: str):
+        self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        Gauge("deltaglider_build_info", "Build metadata (always 1).", ["version", "backend_type"],
+              registry=r).labels(__version__, backend_type).set(1)
+        self.http_requests = Counter(
+            "deltaglider_http_requests", "HTTP requests by method, status and S3 operation.",
+            ["method", "status", "operation"], registry=r)
+        self.http_duration = Histogram(
+            "deltaglider_http_request_duration_seconds", "Request duration.",
+            ["method", "operation"], registry=r)
+        self.http_request_size = Histogram(
+            "deltaglider_http_request_size_bytes", "Request body size.", ["method"],
+            buckets=SIZE_BUCKETS, registry=r)
+        self.http_response_size = Histogram(
+            "deltaglider_http_response_size_bytes", "Response body size.", ["method"],
+            buckets=SIZE_BUCKETS, registry=r)
+        self.compression_ratio = Histogram(
+            "deltaglider_delta_compression_ratio", "delta size / original size of stored deltas.",
+            buckets=RATIO_BUCKETS, registry=r)
+        self.bytes_saved = Counter(
+            "deltaglider_delta_bytes_saved", "Bytes not stored thanks to deltas.", registry=r)
+        self.encode_duration = Histogram(
+            "deltaglider_delta_encode_duration_seconds", "xdelta3 encode time.",
+            buckets=CODEC_BUCKETS, registry=r)
+        self.decode_duration = Histogram(
+            "deltaglider_delta_decode_duration_seconds", "xdelta3 decode (rebuild) time.",
+            buckets=CODEC_BUCKETS, registry=r)
+        self.decisions = Counter(
+            "deltaglider_delta_decisions", "Storage decision per PUT.", ["decision"], registry=r)
+        for label in ("delta", "passthrough", "reference"):
+            self.decisions.labels(label)
+        self.auth_attempts = Counter(
+            "deltaglider_auth_attempts", "SigV4 authentication attempts.", ["result"], registry=r)
+        self.auth_failures = Counter(
+            "deltaglider_auth_failures", "SigV4 authentication failures by reason.", ["reason"],
+            registry=r)
+        self._sources = None
+
+    def watch(self, cache, codec, multipart) -> None:
+        """Read these at scrape time (reference cache, codec, multipart)."""
+        self._sources = (cache, codec, multipart)
+        self.registry.register(_ScrapeTimeCollector(self))
+
+    # -- HTTP ------------------------------------------------------------------
+    def request_done(self, method: str, status: int, operation: str, seconds: float,
+                     received: int, sent: int) -> None:
+        method = method if method in _METHODS else "OTHER"
+        self.http_requests.labels(method, str(status), operation).inc()
+        self.http_duration.labels(method, operation).observe(seconds)
+        self.http_request_size.labels(method).observe(received)
+        self.http_response_size.labels(method).observe(sent)
+
+    # -- auth ------------------------------------------------------------------
+    def auth_ok(self) -> None:
+        self.auth_attempts.labels("success").inc()
+
+    def auth_failed(self, reason: str) -> None:
+        self.auth_attempts.labels("failure").inc()
+        self.auth_failures.labels(reason).inc()
+
+
+_METHODS = {"GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH"}
+
+
+class PrometheusEngineStats(EngineStats):
+    """The engine's reports, also recorded as Prometheus metrics."""
+
+    def __init__(self, metrics: Metrics):
+        super().__init__()
+        self._m = metrics
+
+    def decision(self, label: str) -> None:
+        super().decision(label)
+        self._m.decisions.labels(label).inc()
+
+    def delta_stored(self, original: int, delta: int) -> None:
+        super().delta_stored(original, delta)
+        self._m.bytes_saved.inc(max(0, original - delta))
+        if original:
+            self._m.compression_ratio.observe(delta / original)
+
+    def encoded(self, seconds: float) -> None:
+        super().encoded(seconds)
+        self._m.encode_duration.observe(seconds)
+
+    def decoded(self, seconds: float) -> None:
+        super().decoded(seconds)
+        self._m.decode_duration.observe(seconds)
+
+
+class _ScrapeTimeCollector:
+    def __init__(self, metrics: Metrics):
+        self._m = metrics
+
+    def collect(self):
+        cache, codec, multipart = self._m._sources
+        yield GaugeMetricFamily("process_peak_rss_bytes", "Peak resident set size.",
+                                value=peak_rss_bytes())
+        hits = CounterMetricFamily("deltaglider_cache_hits", "Reference cache hits.")
+        hits.add_metric([], cache.stats.hits)
+        yield hits
+        misses = CounterMetricFamily("deltaglider_cache_misses", "Reference cache misses.")
+        misses.add_metric([], cache.stats.misses)
+        yield misses
+        yield GaugeMetricFamily("deltaglider_cache_size_bytes", "Bytes held by the reference cache.",
+                                value=cache.size)
+        yield GaugeMetricFamily("deltaglider_cache_entries", "References held in the cache.",
+                                value=len(cache))
+        yield GaugeMetricFamily("deltaglider_cache_max_bytes", "Reference cache capacity.",
+                                value=cache.capacity)
+        yield GaugeMetricFamily("deltaglider_cache_utilization_ratio",
+                                "Cache size / capacity (0-1).",
+                                value=cache.size / cache.capacity if cache.capacity else 0.0)
+        yield GaugeMetricFamily("deltaglider_cache_miss_rate_ratio",
+                                "Misses / lookups since start-up (0-1).",
+                                value=cache.stats.miss_rate)
+        yield GaugeMetricFamily("deltaglider_codec_semaphore_available",
+                                "Free xdelta3 slots (0 = saturated).", value=codec.available)
+        yield GaugeMetricFamily("deltaglider_multipart_uploads_inflight",
+                                "Open multipart uploads known to this process.",
+                                value=multipart.open_uploads())
+
+
+class MetricsResource(resource.Resource):
+    """C{GET /_/metrics}: Prometheus text format, no authentication."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics):
+        super().__init__()
+        self._m = metrics
+
+    def render_GET(self, request):
+        data = prometheus_client.generate_latest(self._m.registry)
+        request.setHeader(b"content-type", prometheus_client.CONTENT_TYPE_LATEST.encode())
+        request.setHeader(b"content-length", b"%d" % len(data))
+        return data
