@@ -5,17 +5,27 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEV_CREDENTIALS := .dev-credentials
-APT_PACKAGES := xdelta3
+# command:debian-package pairs; the run needs xdelta3, the tests also promtool.
+RUN_DEPS := xdelta3:xdelta3
+TEST_DEPS := $(RUN_DEPS) promtool:prometheus
 
-.PHONY: run test bench system-deps venv clean
+.PHONY: run test bench system-deps test-system-deps venv clean
 
-system-deps:
-	@missing=""; for p in $(APT_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+define install_missing
+	@missing=""; for pair in $(1); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$cmd >/dev/null || missing="$$missing $$pkg"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "Installing system packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q $$missing; \
 	  else sudo apt-get update -q && sudo apt-get install -y -q $$missing; fi; \
 	fi
+endef
+
+system-deps:
+	$(call install_missing,$(RUN_DEPS))
+
+test-system-deps:
+	$(call install_missing,$(TEST_DEPS))
 
 $(STAMP): setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -39,7 +49,7 @@ run: venv $(DEV_CREDENTIALS)
 	DGP_LISTEN_ADDR=$${DGP_LISTEN_ADDR:-127.0.0.1:9000} DGP_DATA_DIR=$${DGP_DATA_DIR:-./data} \
 	  exec $(VENV)/bin/twistd -n --pidfile= dgproxy $${DGP_CONFIG:+--config $$DGP_CONFIG}
 
-test: venv
+test: test-system-deps venv
 	$(PY) tests/run.py $(TESTS)
 
 bench: venv
