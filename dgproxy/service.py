@@ -262,6 +262,7 @@ def build(config: Config) -> DrainingService:
                                   config.open_access, config.clock_skew_seconds)
     operations = Operations(store, config.max_object_size)
     multipart = Multipart(store, config.max_multipart_uploads, config.multipart_idle_ttl_hours)
+    operations.on_bucket_deleted = multipart.forget_bucket
     front = S3Front(authenticator, operations, MultipartOperations(operations, multipart),
                     config.virtual_host_domains, metrics)
     metrics.watch(cache, codec, multipart)

@@ -155,6 +155,8 @@ class Multipart:
         self.max_uploads = max_uploads
         self.idle_ttl = timedelta(hours=idle_ttl_hours)
         self._open_counts: dict[str, int] = {}
+        from dgproxy.engine.store import KeyedLocks
+        self._completing = KeyedLocks()
 
     async def _write_blob(self, bucket: str, key: str, data: bytes) -> None:
         writer = await self.backend.open_write(bucket, key)
@@ -181,8 +183,9 @@ class Multipart:
         return sum(self._open_counts.values())
 
     async def _count(self, bucket: str) -> int:
-        if bucket not in self._open_counts:
-            self._open_counts[bucket] = len(await self._open_uploads(bucket))
+        """Open uploads: this bucket's counted on the backend now (another
+        process may have opened or closed some), the others as last seen."""
+        self._open_counts[bucket] = len(await self._open_uploads(bucket))
         return sum(self._open_counts.values())
 
     # -- operations -------------------------------------------------------------
@@ -259,10 +262,11 @@ class Multipart:
         result = json.loads(raw)
         return result if result.get("key") == key else None
 
-    async def complete(self, bucket: str, key: str, upload_id: str,
-                       requested: list[tuple[int, str]]) -> ObjectMetadata:
-        """Assemble the requested parts (ascending, ETags matching) into the object."""
-        upload = await self.get(bucket, key, upload_id)
+    async def validate(self, bucket: str, key: str, upload_id: str,
+                       requested: list[tuple[int, str]]) -> list[Part]:
+        """The parts a Complete names, checked (ascending, ETags matching,
+        non-final parts at least 5 MiB) before any work starts."""
+        await self.get(bucket, key, upload_id)
         stored = {p.number: p for p in await self.parts(bucket, upload_id)}
         if not requested:
             raise InvalidPart("no parts")
@@ -279,16 +283,33 @@ class Multipart:
         for part in chosen[:-1]:
             if part.size < MIN_PART_SIZE:
                 raise EntityTooSmall(part.number, part.size)
+        return chosen
+
+    async def complete(self, bucket: str, key: str, upload_id: str,
+                       requested: list[tuple[int, str]]) -> str:
+        """Assemble the requested parts into the object; returns its ETag. One
+        Complete per upload runs at a time here; a second one waits, then
+        finds the completion record and gets the same answer."""
+        return await self._completing.run((bucket, upload_id),
+                                          lambda: self._complete(bucket, key, upload_id, requested))
+
+    async def _complete(self, bucket: str, key: str, upload_id: str,
+                        requested: list[tuple[int, str]]) -> str:
+        done = await self.completed(bucket, key, upload_id)
+        if done is not None:
+            return done["etag"]
+        upload = await self.get(bucket, key, upload_id)
+        chosen = await self.validate(bucket, key, upload_id, requested)
         etag = multipart_etag([p.md5 for p in chosen], len(chosen))
         body = _ConcatSource(self.backend, bucket,
                              [_part_key(upload_id, p.number) for p in chosen])
-        meta = await self.store.put(bucket, key, body, content_type=upload.content_type,
+        await self.store.put(bucket, key, body, content_type=upload.content_type,
                                     user_metadata=upload.user_metadata, multipart_etag=etag,
                                     size_hint=sum(p.size for p in chosen))
         await self._write_blob(bucket, f"{COMPLETED}{upload_id}.json",
                                json.dumps({"key": key, "etag": etag}).encode())
         await self._remove(bucket, upload_id)
-        return meta
+        return etag
 
     async def abort(self, bucket: str, key: str, upload_id: str) -> None:
         await self.get(bucket, key, upload_id)
@@ -301,9 +322,13 @@ class Multipart:
         for o in objects:
             if not o.key.endswith("/upload.json"):
                 await self.backend.delete(bucket, o.key)
-        await self.backend.delete(bucket, _upload_dir(upload_id) + "upload.json")
-        if bucket in self._open_counts and self._open_counts[bucket] > 0:
+        removed = await self.backend.delete(bucket, _upload_dir(upload_id) + "upload.json")
+        if removed and self._open_counts.get(bucket, 0) > 0:
             self._open_counts[bucket] -= 1
+
+    def forget_bucket(self, bucket: str) -> None:
+        """The bucket was deleted: its uploads went with it."""
+        self._open_counts.pop(bucket, None)
 
     async def list_uploads(self, bucket: str, prefix: str = "") -> list[Upload]:
         uploads = []

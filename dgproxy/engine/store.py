@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 
 from dgproxy import TOOL_NAME
 from dgproxy.engine.codec import Codec, CodecError, OutputTooLarge
-from dgproxy.engine.keys import ObjectKey, reference_key, user_key_of
+from dgproxy.engine.keys import INTERNAL_PREFIX, ObjectKey, reference_key, user_key_of
 from dgproxy.engine.policy import DeltaPolicy
 from dgproxy.engine.references import ReferenceCorrupt, ReferenceFile, References
 from dgproxy.engine.spool import Spool, SpoolFile
@@ -200,8 +200,8 @@ def _shared(d: defer.Deferred) -> defer.Deferred:
     return out
 
 
-class DeltaspaceLocks:
-    """One L{DeferredLock} per deltaspace, dropped when nobody holds it."""
+class KeyedLocks:
+    """One L{DeferredLock} per key (a deltaspace, an upload), dropped when unused."""
 
     def __init__(self):
         self._locks: dict[tuple, list] = {}
@@ -243,7 +243,7 @@ class ObjectStore:
         self.references = references
         self.spool = spool
         self.stats = stats or EngineStats()
-        self.locks = DeltaspaceLocks()
+        self.locks = KeyedLocks()
         from twisted.internet import reactor
         self.rebuilt = Rebuilt(reactor)
 
@@ -610,4 +610,4 @@ class ObjectStore:
             if seen is None or meta.created_at > seen.metadata.created_at:
                 latest[user_key] = ObjectVersion(user_key, obj, meta)
         versions = sorted(latest.values(), key=lambda v: v.key.encode("utf-8"))
-        return versions, list(prefixes)
+        return versions, [p for p in prefixes if not p.startswith(INTERNAL_PREFIX)]

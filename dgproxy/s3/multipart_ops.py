@@ -125,6 +125,7 @@ class MultipartOperations:
             return await self.upload_part_copy(call, number)
         self.ops._content_length(call)
         expected = self.ops._content_md5(call)
+        await self.ops._require_bucket(call.bucket)
         await self._run(self.mp.get(call.bucket, call.key, self._upload_id(call)))
         body = wrap_body(call.request.accept_body(), call.request.header_map(), call.auth)
         part = await self._run(self.ops._guard(self.mp.upload_part(
@@ -161,10 +162,13 @@ class MultipartOperations:
         check_key(call.key, ingest=True)
         upload_id = self._upload_id(call)
         requested = xmlio.parse_complete(await self.ops._small_body(call))
+        await self.ops._require_bucket(call.bucket)
         done = await self.mp.completed(call.bucket, call.key, upload_id)
         if done is not None:  # a retry of a Complete that already succeeded
             return Response(200, list(XML), self._result(call, done["etag"]))
-        await self._run(self.mp.get(call.bucket, call.key, upload_id))
+        # Bad part lists are answered 400 now; only the assembly runs behind
+        # the keep-alive 200 (where S3, too, reports late errors in the body).
+        await self._run(self.mp.validate(call.bucket, call.key, upload_id, requested))
         work = defer.ensureDeferred(self._run(self.ops._guard(
             self.mp.complete(call.bucket, call.key, upload_id, requested))))
         resource = "/" + call.bucket + "/" + call.key
@@ -179,7 +183,7 @@ class MultipartOperations:
                         "CompleteMultipartUpload failed", failure)
                     err = errors.InternalError()
                 return errors.render_error(err, resource, call.request.request_id).split(b"\n", 1)[1]
-            return self._result(call, result.etag).split(b"\n", 1)[1]
+            return self._result(call, result).split(b"\n", 1)[1]
 
         return Response(200, list(XML), KeepAliveSource(work, render))
 
@@ -189,11 +193,13 @@ class MultipartOperations:
         return xmlio.document("CompleteMultipartUploadResult", body)
 
     async def abort_multipart_upload(self, call: S3Call) -> Response:
+        await self.ops._require_bucket(call.bucket)
         await self._run(self.mp.abort(call.bucket, call.key, self._upload_id(call)))
         return Response(204)
 
     async def list_parts(self, call: S3Call) -> Response:
         upload_id = self._upload_id(call)
+        await self.ops._require_bucket(call.bucket)
         await self._run(self.mp.get(call.bucket, call.key, upload_id))
         parts = await self.mp.parts(call.bucket, upload_id)
         marker = _int(call.query.get("part-number-marker"), 0)
@@ -219,9 +225,8 @@ class MultipartOperations:
         key_marker = q.get("key-marker", "")
         id_marker = q.get("upload-id-marker", "")
         max_uploads = max(0, min(_int(q.get("max-uploads"), 1000), 1000))
-        uploads = [u for u in await self.mp.list_uploads(call.bucket, prefix)
-                   if (u.key, u.upload_id) > (key_marker, id_marker if key_marker else "")
-                   or not key_marker]
+        uploads = _after_marker(await self.mp.list_uploads(call.bucket, prefix),
+                                key_marker, id_marker)
         page, truncated = uploads[:max_uploads], len(uploads) > max_uploads
         body = [xmlio.el("Bucket", call.bucket), xmlio.el("KeyMarker", key_marker),
                 xmlio.el("UploadIdMarker", id_marker), xmlio.el("Prefix", prefix),
@@ -237,6 +242,19 @@ class MultipartOperations:
                         xmlio.el("Initiated", xmlio.iso8601(u.initiated)) + "</Upload>")
         return Response(200, list(XML),
                         xmlio.document("ListMultipartUploadsResult", "".join(body)))
+
+
+def _after_marker(uploads: list, key_marker: str, id_marker: str) -> list:
+    """S3 paging: uploads of keys after C{key_marker}; with C{id_marker}, also
+    the marker key's uploads that come after that upload in the listing."""
+    if not key_marker:
+        return uploads
+    marker = key_marker.encode("utf-8")
+    if id_marker:
+        for i, u in enumerate(uploads):
+            if u.key == key_marker and u.upload_id == id_marker:
+                return uploads[i + 1:]
+    return [u for u in uploads if u.key.encode("utf-8") > marker]
 
 
 def _int(value: Optional[str], default: int) -> int:

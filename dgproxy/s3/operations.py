@@ -43,6 +43,7 @@ class Operations:
     def __init__(self, store: ObjectStore, max_object_size: int = MAX_SINGLE_PUT):
         self.store = store
         self.max_object_size = min(max_object_size, MAX_SINGLE_PUT)
+        self.on_bucket_deleted = lambda bucket: None
 
     # -- helpers -----------------------------------------------------------
     async def _require_bucket(self, bucket: str) -> None:
@@ -96,6 +97,7 @@ class Operations:
     async def delete_bucket(self, call: S3Call) -> Response:
         try:
             await self.store.backend.delete_bucket(call.bucket)
+            self.on_bucket_deleted(call.bucket)
         except BucketMissing:
             raise errors.NoSuchBucket(BucketName=call.bucket) from None
         except BucketNotEmptyError:

@@ -267,26 +267,21 @@ class _DecryptingSource:
         self._source.close()
 
 
-class _SniffingSource:
-    """Passes an unmarked blob through, refusing one that starts with DGE1."""
+class _PrefixedSource:
+    """A source whose first chunk was already read (to look at it)."""
 
-    def __init__(self, source, first_read: bool):
+    def __init__(self, first: bytes, source):
+        self._first = first
         self._source = source
-        self._check = first_read
-
-    async def _read(self, size: int) -> bytes:
-        data = await self._source.read(size)
-        if self._check and data:
-            self._check = False
-            if data[:4] == MAGIC:
-                self._source.close()
-                raise EncryptionError(STRIPPED)
-        return data
 
     def read(self, size: int = CHUNK):
-        return defer.ensureDeferred(self._read(size))
+        if self._first:
+            out, self._first = self._first[:size], self._first[size:]
+            return defer.succeed(out)
+        return self._source.read(size)
 
     def close(self) -> None:
+        self._first = b""
         self._source.close()
 
 
@@ -376,6 +371,27 @@ class EncryptingBackend:
         inner = await self.inner.open_write(bucket, key)
         return _EncryptingWriter(inner, self.keys) if self.keys.encrypts else _PlainWriter(inner)
 
+    async def _unmarked(self, bucket: str, key: str, offset: int, length: Optional[int]):
+        """A blob without markers is served as it is, unless it starts with the
+        DGE1 magic (its metadata was lost): checked before any byte is served,
+        so the client gets a clean 500, never ciphertext."""
+        if offset == 0:
+            source = await self.inner.open_read(bucket, key, 0, length)
+            if source is None:
+                return None
+            first = await source.read(CHUNK)
+            if first[:4] == MAGIC:
+                source.close()
+                raise EncryptionError(STRIPPED)
+            return _PrefixedSource(first, source)
+        head = await self.inner.open_read(bucket, key, 0, 4)
+        if head is None:
+            return None
+        from dgproxy.streams import read_all
+        if await read_all(head, 4) == MAGIC:
+            raise EncryptionError(STRIPPED)
+        return await self.inner.open_read(bucket, key, offset, length)
+
     async def open_read(self, bucket: str, key: str, offset: int = 0,
                         length: Optional[int] = None):
         stored = await self.inner.stat(bucket, key)
@@ -384,8 +400,7 @@ class EncryptingBackend:
         meta = stored.metadata
         marker = meta.user_metadata.get(MARKER) if meta is not None else None
         if marker is None:
-            source = await self.inner.open_read(bucket, key, offset, length)
-            return None if source is None else _SniffingSource(source, offset == 0)
+            return await self._unmarked(bucket, key, offset, length)
         key_bytes = self.keys.for_object(meta.user_metadata.get(KEY_ID))
         size = blob_size(meta)
         if length is None:

@@ -217,8 +217,8 @@ def from_s3_headers(headers: Mapping[str, str], size: int,
     bare = {k[len(META_PREFIX):]: v for k, v in headers.items() if k.startswith(META_PREFIX)}
     tool = _alias(bare, "tool")
     name = _alias(bare, "original-name", "source-name")
-    sha = _alias(bare, "file-sha256")
-    if not tool or not name or not sha:
+    sha = _alias(bare, "file-sha256") or ""
+    if not tool or not name:
         return None
     note_raw = (_alias(bare, "note") or "").lower()
     ref = _alias(bare, "ref-path", "ref-key")
