@@ -450,6 +450,8 @@ def from_mapping(doc: Mapping[str, Any], source: str, env: Mapping[str, str]) ->
     for var, (fname, conv) in _ENV.items():
         if env.get(var) not in (None, ""):
             values[fname] = _convert(env[var], conv, var, "environment")
+    if env.get("DGP_LOG_FORMAT") not in (None, "", "text", "json"):
+        raise ConfigError("DGP_LOG_FORMAT", "environment", "must be 'text' or 'json'")
     return _validated(Config(**values))
 
 

@@ -266,7 +266,8 @@ def build(config: Config) -> DrainingService:
     front = S3Front(authenticator, operations, MultipartOperations(operations, multipart),
                     config.virtual_host_domains, metrics)
     metrics.watch(cache, codec, multipart)
-    readiness = Readiness(backend)
+    readiness = Readiness(backend.backends[backend.default] if isinstance(backend, RoutingBackend)
+                          else backend)
     front.write_gate = lambda bucket: jobs.blocked(bucket)
     jobs = ReencryptJobs(backend)
     admin = build_admin_root(lambda: (200, health_doc(config, cache)), readiness.report,

@@ -315,9 +315,15 @@ def pump_to_request(source, request) -> defer.Deferred:
     return defer.ensureDeferred(_RequestPump(source, request).run())
 
 
-async def drain(source, sink_write: Callable[[bytes], object]) -> int:
+class BodyTooLarge(Exception):
+    """A body grew past the limit it was copied under."""
+
+
+async def drain(source, sink_write: Callable[[bytes], object],
+                limit: Optional[int] = None) -> int:
     """Pull every chunk of C{source} into C{sink_write}, awaiting it when it
-    returns a Deferred; returns the byte count."""
+    returns a Deferred; returns the byte count. More than C{limit} bytes
+    raises L{BodyTooLarge}. The source is closed either way."""
     total = 0
     try:
         while True:
@@ -325,6 +331,8 @@ async def drain(source, sink_write: Callable[[bytes], object]) -> int:
             if not chunk:
                 return total
             total += len(chunk)
+            if limit is not None and total > limit:
+                raise BodyTooLarge(total)
             result = sink_write(chunk)
             if isinstance(result, defer.Deferred):
                 await result

@@ -224,14 +224,14 @@ class Codec:
                 timer.cancel()
 
     async def start(self, mode: str, source_path: str, sink: Callable[[bytes], None],
-                    cap: Optional[int] = None) -> CodecRun:
+                    cap: Optional[int] = None, raw: bool = True) -> CodecRun:
         """Take a slot (waiting a bounded time) and start C{xdelta3 -e|-d -D -s SOURCE -c}.
 
         The slot is released when the child ends, whatever the outcome."""
         if mode not in ("encode", "decode"):
             raise ValueError(mode)
         await self._acquire()
-        return self._spawn(mode, source_path, sink, cap)
+        return self._spawn(mode, source_path, sink, cap, raw)
 
     def try_start(self, mode: str, source_path: str, sink: Callable[[bytes], None],
                   cap: Optional[int] = None) -> Optional[CodecRun]:
@@ -241,10 +241,12 @@ class Codec:
         self.semaphore.acquire()  # fires synchronously: a token is free
         return self._spawn(mode, source_path, sink, cap)
 
-    def _spawn(self, mode: str, source_path: str, sink, cap) -> CodecRun:
+    def _spawn(self, mode: str, source_path: str, sink, cap, raw: bool = True) -> CodecRun:
+        """C{raw=False} drops C{-D}: the Python deltaglider tool encodes without
+        it, so its deltas of gzip files expect xdelta3's own recompression."""
         run = CodecRun(self._reactor, sink, cap, self.stall_timeout, self.semaphore.release)
         flag = "-e" if mode == "encode" else "-d"
-        args = [self.binary, flag, "-D", "-q", "-s", source_path, "-c"]
+        args = [self.binary, flag] + (["-D"] if raw else []) + ["-q", "-s", source_path, "-c"]
         try:
             self._reactor.spawnProcess(run, self.binary, args, env={"PATH": "/usr/bin:/bin"},
                                        childFDs={0: "w", 1: "r", 2: "r"})

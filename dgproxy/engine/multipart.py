@@ -23,8 +23,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from dgproxy import TOOL_NAME
+from dgproxy.engine.store import ChecksumMismatch, KeyedLocks
 from dgproxy.storage.metadata import PASSTHROUGH, ObjectMetadata, format_timestamp, parse_timestamp
-from dgproxy.streams import CHUNK, BytesSource, HashingSource, read_all
+from dgproxy.streams import CHUNK, HashingSource, drain, read_all
 
 log = Logger(namespace="dgproxy.multipart")
 
@@ -155,7 +156,6 @@ class Multipart:
         self.max_uploads = max_uploads
         self.idle_ttl = timedelta(hours=idle_ttl_hours)
         self._open_counts: dict[str, int] = {}
-        from dgproxy.engine.store import KeyedLocks
         self._completing = KeyedLocks()
 
     async def _write_blob(self, bucket: str, key: str, data: bytes) -> None:
@@ -219,22 +219,13 @@ class Multipart:
         source = HashingSource(body, want_sha256=False)
         writer = await self.backend.open_write(bucket, _part_key(upload_id, number))
         try:
-            while True:
-                chunk = await source.read(CHUNK)
-                if not chunk:
-                    break
-                if source.size > max_size:
-                    from dgproxy.engine.store import BodyTooLarge
-                    raise BodyTooLarge(source.size)
-                await writer.write(chunk)
+            await drain(source, writer.write, max_size)
             md5 = source.md5.hexdigest()
             if expected_md5 is not None and md5 != expected_md5:
-                from dgproxy.engine.store import ChecksumMismatch
                 raise ChecksumMismatch(md5)
             await writer.commit(_internal_meta(f"part-{number:05d}", source.size, md5))
         except BaseException:
             writer.abort()
-            source.close()
             raise
         return Part(number, source.size, md5, datetime.now(timezone.utc))
 

@@ -31,17 +31,16 @@ from dgproxy.storage.interface import AlreadyExists, StoredObject
 from dgproxy.storage.metadata import (
     DELTA, EMPTY_MD5, INTERNAL_REFERENCE_NAME, PASSTHROUGH, REFERENCE, REFERENCE_NAME,
     ObjectMetadata)
-from dgproxy.streams import CHUNK, FileSource, HashingSource
+from dgproxy.streams import CHUNK, BodyTooLarge, FileSource, HashingSource, drain
 
 log = Logger(namespace="dgproxy.engine")
 
 
+PYTHON_TOOL = "deltaglider/"  # the Python tool's dg-tool value (no -D when it encodes)
+
+
 class ChecksumMismatch(Exception):
     """The body's MD5 differs from the client's Content-MD5."""
-
-
-class BodyTooLarge(Exception):
-    """The body grew past the configured maximum object size."""
 
 
 class IntegrityError(Exception):
@@ -118,6 +117,33 @@ def _effective(stored: StoredObject) -> ObjectMetadata:
     return unmanaged_metadata(stored, stored.key.rpartition("/")[2])
 
 
+class _Rebuild:
+    """One rebuild and everyone waiting for it."""
+
+    def __init__(self):
+        self.spool: Optional[SpoolFile] = None
+        self.waiters: list[defer.Deferred] = []
+        self.timer = None
+
+    def wait(self) -> defer.Deferred:
+        if self.spool is not None:
+            return defer.succeed(self.spool)
+        d = defer.Deferred()
+        self.waiters.append(d)
+        return d
+
+    def settle(self, result) -> None:
+        """Hand the outcome (a SpoolFile or a Failure) to every waiter."""
+        if isinstance(result, SpoolFile):
+            self.spool = result
+        waiters, self.waiters = self.waiters, []
+        for d in waiters:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+
 class Rebuilt:
     """Recently rebuilt delta objects, kept in the spool for a short while.
 
@@ -125,49 +151,42 @@ class Rebuilt:
     8 MiB ranges); each would otherwise rebuild the whole object. Concurrent
     reads of one version share one rebuild, and later ones reuse it until
     C{ttl} seconds after its last use. Readers hold their own open file, so
-    eviction never cuts a response short."""
+    eviction never cuts a response short. A failed rebuild is forgotten at
+    once: the next read tries again."""
 
     def __init__(self, reactor, ttl: float = 30.0, max_bytes: int = 4 * 1024**3):
         self._reactor = reactor
         self.ttl = ttl
         self.max_bytes = max_bytes
-        self._entries: dict[tuple, list] = {}  # key -> [Deferred[SpoolFile], timer]
+        self._entries: dict[tuple, _Rebuild] = {}
 
     async def open(self, key: tuple, build, offset: int, length: Optional[int]) -> FileSource:
         entry = self._entries.get(key)
         if entry is None:
+            entry = self._entries[key] = _Rebuild()
             d = defer.ensureDeferred(build())
-            entry = self._entries[key] = [d, None]
-            d.addErrback(self._failed, key)
-        spool = await _shared(entry[0])
+            d.addErrback(lambda f: (self._entries.pop(key, None), f)[1])
+            d.addBoth(entry.settle)
+        spool = await entry.wait()
         try:
             f = open(spool.path, "rb")
         except FileNotFoundError:  # evicted in between: rebuild
             self._entries.pop(key, None)
             return await self.open(key, build, offset, length)
-        self._touch(key, spool)
+        self._touch(key, entry)
         return FileSource(f, offset, length)
 
-    def _failed(self, failure, key):
-        self._entries.pop(key, None)
-        return failure
-
-    def _touch(self, key: tuple, spool: SpoolFile) -> None:
-        entry = self._entries.get(key)
-        if entry is None:
+    def _touch(self, key: tuple, entry: _Rebuild) -> None:
+        if self._entries.get(key) is not entry:
             return
-        if entry[1] is not None and entry[1].active():
-            entry[1].reset(self.ttl)
+        if entry.timer is not None and entry.timer.active():
+            entry.timer.reset(self.ttl)
         else:
-            entry[1] = self._reactor.callLater(self.ttl, self._evict, key)
-        total = 0
-        for k in list(self._entries):
-            d = self._entries[k][0]
-            if d.called and not isinstance(d.result, Failure):
-                total += d.result.size
+            entry.timer = self._reactor.callLater(self.ttl, self._evict, key)
+        total = sum(e.spool.size for e in self._entries.values() if e.spool is not None)
         if total > self.max_bytes:
-            for k in list(self._entries):
-                if k != key and self._entries[k][0].called:
+            for k, e in list(self._entries.items()):
+                if k != key and e.spool is not None:
                     self._evict(k)
                     break
 
@@ -175,29 +194,14 @@ class Rebuilt:
         entry = self._entries.pop(key, None)
         if entry is None:
             return
-        if entry[1] is not None and entry[1].active():
-            entry[1].cancel()
-        if entry[0].called and isinstance(entry[0].result, SpoolFile):
-            entry[0].result.release()
+        if entry.timer is not None and entry.timer.active():
+            entry.timer.cancel()
+        if entry.spool is not None:
+            entry.spool.release()
 
     def clear(self) -> None:
         for key in list(self._entries):
             self._evict(key)
-
-
-def _shared(d: defer.Deferred) -> defer.Deferred:
-    """A Deferred with C{d}'s result that leaves C{d}'s own result in place."""
-    out = defer.Deferred()
-
-    def fire(result):
-        if isinstance(result, Failure):
-            out.errback(result)
-        else:
-            out.callback(result)
-        return result
-
-    d.addBoth(fire)
-    return out
 
 
 class KeyedLocks:
@@ -270,13 +274,7 @@ class ObjectStore:
         source = HashingSource(body)
         writer = await self.backend.open_write(bucket, okey.passthrough_key)
         try:
-            while True:
-                chunk = await source.read(CHUNK)
-                if not chunk:
-                    break
-                if source.size > self.max_object_size:
-                    raise BodyTooLarge(source.size)
-                await writer.write(chunk)
+            await drain(source, writer.write, self.max_object_size)
             md5 = source.md5.hexdigest()
             if expected_md5 is not None and md5 != expected_md5:
                 raise ChecksumMismatch(md5)
@@ -285,7 +283,6 @@ class ObjectStore:
             await writer.commit(meta)
         except BaseException:
             writer.abort()
-            source.close()
             raise
         # A passthrough write supersedes any delta of the same key.
         await self.backend.delete(bucket, okey.delta_key)
@@ -460,8 +457,11 @@ class ObjectStore:
             delta_cmd=f"xdelta3 -e -9 -s {REFERENCE_NAME} {okey.filename} {okey.filename}.delta")
         await self._store_file(bucket, okey.delta_key, delta, meta)
         await self.backend.delete(bucket, okey.passthrough_key)
-        self.stats.decision(REFERENCE if created_reference else DELTA)
-        self.stats.delta_stored(body.size, delta_size)
+        if created_reference:
+            self.stats.decision(REFERENCE)  # stored whole, as reference.bin: nothing saved
+        else:
+            self.stats.decision(DELTA)
+            self.stats.delta_stored(body.size, delta_size)
         return meta
 
     async def _store_passthrough_file(self, bucket, okey: ObjectKey, body: _Body, fields):
@@ -474,24 +474,13 @@ class ObjectStore:
     async def _store_file(self, bucket: str, stored_key: str, spool: SpoolFile,
                           meta: ObjectMetadata, exclusive: bool = False) -> None:
         spool.flush()
-        source = FileSource(open(spool.path, "rb"))
+        writer = await self.backend.open_write(bucket, stored_key)
         try:
-            writer = await self.backend.open_write(bucket, stored_key)
-        except BaseException:
-            source.close()
-            raise
-        try:
-            while True:
-                chunk = await source.read(CHUNK)
-                if not chunk:
-                    break
-                await writer.write(chunk)
+            await drain(FileSource(open(spool.path, "rb")), writer.write)
             await writer.commit(meta, exclusive=exclusive)
         except BaseException:
             writer.abort()
             raise
-        finally:
-            source.close()
 
     async def _drop_reference(self, bucket: str, ds: str) -> None:
         await self.backend.delete(bucket, reference_key(ds))
@@ -543,7 +532,8 @@ class ObjectStore:
             source = await self.backend.open_read(bucket, version.stored.key)
             if source is None:
                 raise IntegrityError("delta blob vanished")
-            run = await self.codec.start("decode", ref.path, sink, cap=meta.file_size)
+            run = await self.codec.start("decode", ref.path, sink, cap=meta.file_size,
+                                         raw=not meta.tool.startswith(PYTHON_TOOL))
             try:
                 while run.failed is None:
                     chunk = await source.read(CHUNK)

@@ -15,7 +15,7 @@ import time
 from io import BytesIO
 from typing import Optional
 
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.logger import Logger
 from twisted.web import http, server
 from twisted.web.http_headers import Headers

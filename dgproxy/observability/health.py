@@ -27,6 +27,8 @@ class Readiness:
     """Checks the backends every few seconds; C{report} answers from the last check."""
 
     def __init__(self, backend, interval: float = CHECK_INTERVAL):
+        """C{backend}: the default backend (a routed one being down makes only
+        its buckets answer 503, not the instance unready)."""
         self.backend = backend
         self.interval = interval
         self.problem = "not checked yet"

@@ -137,7 +137,7 @@ class S3Front:
             if method == "GET":
                 return ops.list_buckets
             if method == "HEAD":
-                return _head_root
+                return head_root
             raise errors.MethodNotAllowed()
         if target.key is None:
             if "acl" in q:
@@ -194,6 +194,6 @@ def classify(method: str, target) -> str:
             "HEAD": "head_object"}.get(method, "post_object")
 
 
-async def _head_root(call: S3Call) -> Response:
+async def head_root(call: S3Call) -> Response:
     """Some clients (Cyberduck) probe C{HEAD /}."""
     return Response(200)

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from dgproxy.storage.encrypting import KEY_ID, MARKER, NATIVE, EncryptingBackend, EncryptionError
 from dgproxy.storage.interface import StorageError
 from dgproxy.storage.metadata import PASSTHROUGH, ObjectMetadata
-from dgproxy.streams import CHUNK, read_all
+from dgproxy.streams import drain, read_all
 
 log = Logger(namespace="dgproxy.reencrypt")
 
@@ -160,13 +160,8 @@ class ReencryptJobs:
             return
         writer = await backend.open_write(real, key)
         try:
-            while True:
-                chunk = await source.read(CHUNK)
-                if not chunk:
-                    break
-                await writer.write(chunk)
+            await drain(source, writer.write)
             await writer.commit(meta)
         except BaseException:
             writer.abort()
-            source.close()
             raise

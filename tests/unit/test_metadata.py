@@ -10,7 +10,6 @@ damaged record is a MetadataError, never anything else.
 from __future__ import annotations
 
 import json
-import re
 from datetime import datetime, timedelta, timezone
 
 from hypothesis import HealthCheck, example, given, settings, strategies as st

@@ -1,0 +1,155 @@
+"""End-to-end: the SeaweedFS behind one bucket goes away, then comes back.
+
+dgproxy routes `remote` to a SeaweedFS backend named `weed` and everything
+else to a filesystem backend. While SeaweedFS is stopped, `remote` answers 503
+(ServiceUnavailable or SlowDown) and the log names the backend, while the
+filesystem bucket keeps working; uploads tried during the outage leave nothing
+behind; once SeaweedFS is started again (same data directory, same ports:
+L{Seaweed} picks its ports once, in its constructor, so C{start()} after
+C{stop()} reuses them) the same requests succeed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+import boto3
+from botocore.config import Config as BotoConfig
+from twisted.trial import unittest
+
+from tests.e2e.harness import ACCESS_KEY, SECRET_KEY, ProxyProcess
+from tests.e2e.test_routing import routing_yaml
+from tests.e2e.test_s3_backend import (
+    ClassFixture, WeedServer, etag, list_all, random_bytes, s3_error, stored_objects,
+    tar_versions)
+
+OUTAGE_CODES = ("ServiceUnavailable", "SlowDown")
+
+
+class BackendOutageTests(ClassFixture, unittest.TestCase):
+    weed: Optional[WeedServer] = None
+    proxy: Optional[ProxyProcess] = None
+
+    @classmethod
+    def setUpClass(cls):
+        cls.weed = WeedServer()  # assigned before start: tearDownClass stops it
+        cls.weed.start()
+        cls.w = cls.weed.client()
+        cls.proxy = ProxyProcess()
+        cls.proxy.config_path = os.path.join(cls.proxy.workdir, "dgproxy.yaml")
+        with open(cls.proxy.config_path, "w") as f:
+            f.write(routing_yaml(os.path.join(cls.proxy.workdir, "fsdata"), cls.weed.endpoint))
+        cls.proxy.start()
+        # One attempt per call: botocore's legacy max_attempts=1 still retries a 503 once.
+        cls.s3 = boto3.session.Session().client(
+            "s3", endpoint_url=cls.proxy.endpoint, aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY, region_name="us-east-1",
+            config=BotoConfig(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1}))
+        cls.s3.create_bucket(Bucket="remote")
+        cls.s3.create_bucket(Bucket="localbkt")
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.proxy is not None:
+            cls.proxy.cleanup()
+            cls.proxy = None
+        if cls.weed is not None:
+            cls.weed.cleanup()
+            cls.weed = None
+
+    def assertOutage(self, fn, **kwargs) -> None:
+        status, code = s3_error(fn, **kwargs)
+        self.assertEqual(status, 503, (fn.__name__, kwargs.get("Key"), code))
+        if fn.__name__ != "head_object":  # HEAD answers carry no body, so no code
+            self.assertIn(code, OUTAGE_CODES, (fn.__name__, kwargs.get("Key")))
+
+    def wait_until_writable(self, bucket: str, timeout: float = 60.0) -> None:
+        """A restarted SeaweedFS can take many seconds over the first write into a
+        bucket (its volumes are being re-registered); wait for that here, with a
+        direct write, so it is not charged to dgproxy."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.w.put_object(Bucket=bucket, Key="zz-ready-probe", Body=b"probe")
+                self.w.delete_object(Bucket=bucket, Key="zz-ready-probe")
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+
+    def test_outage_and_recovery(self):
+        s3 = self.s3
+        tars = tar_versions(4, seed=31)
+        plain = random_bytes(200_000, seed=32)
+        for i in (1, 2):
+            s3.put_object(Bucket="remote", Key=f"rel/app-{i}.tar", Body=tars[i - 1])
+        s3.put_object(Bucket="remote", Key="plain.dat", Body=plain)
+        s3.put_object(Bucket="localbkt", Key="rel/app-1.tar", Body=tars[0])
+        before = stored_objects(self.w, "real-remote")
+        self.assertEqual(set(before), {"plain.dat", "rel/reference.bin", "rel/app-1.tar.delta",
+                                       "rel/app-2.tar.delta"})
+        log_mark = len(self.proxy.log())
+
+        self.weed.stop()
+
+        self.assertOutage(s3.get_object, Bucket="remote", Key="plain.dat")
+        self.assertOutage(s3.get_object, Bucket="remote", Key="rel/app-2.tar")
+        self.assertOutage(s3.head_object, Bucket="remote", Key="plain.dat")
+        self.assertOutage(s3.list_objects_v2, Bucket="remote")
+        self.assertOutage(s3.delete_object, Bucket="remote", Key="plain.dat")
+        # Uploads during the outage: a delta against a cached reference, a first
+        # object of a new deltaspace (would be a reference), a passthrough file.
+        self.assertOutage(s3.put_object, Bucket="remote", Key="rel/app-3.tar", Body=tars[2])
+        self.assertOutage(s3.put_object, Bucket="remote", Key="fresh/app-1.tar", Body=tars[0])
+        self.assertOutage(s3.put_object, Bucket="remote", Key="new.dat", Body=plain)
+        self.assertOutage(s3.copy_object, Bucket="remote", Key="rel/copied.tar",
+                          CopySource={"Bucket": "localbkt", "Key": "rel/app-1.tar"})
+
+        # The filesystem-routed bucket does not notice.
+        s3.put_object(Bucket="localbkt", Key="rel/app-2.tar", Body=tars[1])
+        self.assertEqual(s3.get_object(Bucket="localbkt", Key="rel/app-2.tar")["Body"].read(),
+                         tars[1])
+        self.assertEqual([o["Key"] for o in list_all(s3, "localbkt")],
+                         ["rel/app-1.tar", "rel/app-2.tar"])
+        s3.head_object(Bucket="localbkt", Key="rel/app-1.tar")
+
+        log = self.proxy.log()[log_mark:]
+        self.assertIn("'weed'", log)
+        self.assertNotIn("Traceback", log)
+
+        self.weed.start()
+        self.wait_until_writable("real-remote")
+
+        # Same requests, now answered; nothing of the failed uploads is visible.
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                got = s3.get_object(Bucket="remote", Key="plain.dat")
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        self.assertEqual(got["Body"].read(), plain)
+        got = s3.get_object(Bucket="remote", Key="rel/app-2.tar")
+        self.assertEqual((got["Body"].read(), got["ETag"]), (tars[1], etag(tars[1])))
+        s3.head_object(Bucket="remote", Key="plain.dat")
+        self.assertEqual({o["Key"]: o["Size"] for o in list_all(s3, "remote")},
+                         {"plain.dat": len(plain), "rel/app-1.tar": len(tars[0]),
+                          "rel/app-2.tar": len(tars[1])})
+        self.assertEqual(stored_objects(self.w, "real-remote"), before)
+        for key in ("rel/app-3.tar", "fresh/app-1.tar", "new.dat", "rel/copied.tar"):
+            self.assertEqual(s3_error(s3.head_object, Bucket="remote", Key=key)[0], 404, key)
+
+        # And writes work again, in the same deltaspaces.
+        s3.put_object(Bucket="remote", Key="rel/app-3.tar", Body=tars[2])
+        s3.put_object(Bucket="remote", Key="fresh/app-1.tar", Body=tars[0])
+        self.assertEqual(s3.get_object(Bucket="remote", Key="rel/app-3.tar")["Body"].read(),
+                         tars[2])
+        stored = stored_objects(self.w, "real-remote")
+        self.assertIn("rel/app-3.tar.delta", stored)
+        self.assertLess(stored["rel/app-3.tar.delta"], len(tars[2]) // 10)
+        self.assertIn("fresh/reference.bin", stored)
