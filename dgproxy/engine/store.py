@@ -490,8 +490,10 @@ class ObjectStore:
     async def head(self, bucket: str, key: str) -> Optional[ObjectVersion]:
         """The current version of C{key}: the newer of its passthrough and delta blobs."""
         okey = ObjectKey(key)
-        plain = await self.backend.stat(bucket, okey.passthrough_key)
-        delta = await self.backend.stat(bucket, okey.delta_key)
+        plain, delta = await defer.gatherResults(
+            [defer.maybeDeferred(self.backend.stat, bucket, okey.passthrough_key),
+             defer.maybeDeferred(self.backend.stat, bucket, okey.delta_key)],
+            consumeErrors=True).addErrback(lambda f: f.value.subFailure)
         best = None
         for stored in (plain, delta):
             if stored is None:
