@@ -14,6 +14,10 @@ clients. It is deliberately cheap on the client side:
 - one keep-alive connection is reused; (re)connecting and signing happen
   before the clock starts, so the timed part is the request on the wire and
   the server's work.
+
+Besides PUT/GET it speaks just enough S3 for the other bench sections:
+ListObjectsV2 (to add up what a server stored), and the multipart calls
+(parts are sent with C{sendfile} from an offset of a source file).
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import http.client
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 from urllib.parse import quote
+from xml.etree import ElementTree
 
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
@@ -32,6 +37,12 @@ from botocore.credentials import Credentials
 
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 READ_CHUNK = 1024 * 1024
+IDLE_RECONNECT = 5.0  # seconds a kept-alive connection may sit idle before reuse
+S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+
+
+def _query(params: dict) -> str:
+    return "&".join(quote(k, safe="~") + "=" + quote(v, safe="~") for k, v in sorted(params.items()))
 
 
 class S3RequestError(Exception):
@@ -60,14 +71,20 @@ class S3Client:
         self.timeout = timeout
         self._signer = SigV4Auth(Credentials(access_key, secret_key), "s3", region)
         self._conn: Optional[http.client.HTTPConnection] = None
+        self._last_used = time.monotonic()
         self._buf = bytearray(READ_CHUNK)
 
     # -- connection and signing ---------------------------------------------
     def _connection(self) -> http.client.HTTPConnection:
+        # A connection left idle for a while may have been closed by the
+        # server's idle timeout: start afresh (before any clock starts).
+        if self._conn is not None and time.monotonic() - self._last_used > IDLE_RECONNECT:
+            self.close()
         if self._conn is None or self._conn.sock is None:
             self.close()
             self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
             self._conn.connect()
+        self._last_used = time.monotonic()
         return self._conn
 
     def close(self) -> None:
@@ -103,22 +120,29 @@ class S3Client:
             return 0, f"(no response: {e!r})".encode()
 
     def _finish(self, resp: http.client.HTTPResponse) -> None:
+        self._last_used = time.monotonic()
         if resp.will_close:
             self.close()
 
     # -- small requests (not timed) ------------------------------------------
-    def request(self, method: str, path: str, ok=(200, 204)) -> tuple[int, bytes]:
-        headers = self._signed_headers(method, path, {"Content-Length": "0"})
+    def request(self, method: str, path: str, ok=(200, 204), body: bytes = b"",
+                extra: Optional[dict] = None) -> tuple[int, bytes]:
+        """One small request; C{path} may carry a query string (it is signed)."""
+        headers = self._signed_headers(method, path, {"Content-Length": str(len(body)),
+                                                      **(extra or {})})
         try:
-            resp = self._start(method, path, headers).getresponse()
-            body = resp.read()
+            conn = self._start(method, path, headers)
+            if body:
+                conn.send(body)
+            resp = conn.getresponse()
+            data = resp.read()
         except (ConnectionError, http.client.HTTPException):
             self.close()
             raise
         self._finish(resp)
         if ok and resp.status not in ok:
-            raise S3RequestError(method, path, resp.status, body)
-        return resp.status, body
+            raise S3RequestError(method, path, resp.status, data)
+        return resp.status, data
 
     def create_bucket(self, bucket: str) -> None:
         status, body = self.request("PUT", self.path(bucket), ok=None)
@@ -128,11 +152,77 @@ class S3Client:
     def delete_object(self, bucket: str, key: str) -> None:
         self.request("DELETE", self.path(bucket, key))
 
+    def list_objects(self, bucket: str, prefix: str = "") -> list[tuple[str, int]]:
+        """(key, size) of every object under C{prefix} (ListObjectsV2, all pages)."""
+        out: list[tuple[str, int]] = []
+        token = None
+        while True:
+            query = {"list-type": "2", "prefix": prefix, "max-keys": "1000"}
+            if token:
+                query["continuation-token"] = token
+            _, body = self.request("GET", self.path(bucket) + "?" + _query(query), ok=(200,))
+            root = ElementTree.fromstring(body)
+            for c in root.iter(S3_NS + "Contents"):
+                out.append((c.findtext(S3_NS + "Key") or "", int(c.findtext(S3_NS + "Size") or 0)))
+            token = root.findtext(S3_NS + "NextContinuationToken")
+            if (root.findtext(S3_NS + "IsTruncated") or "false") != "true" or not token:
+                return out
+
+    # -- multipart ----------------------------------------------------------------
+    def create_multipart(self, bucket: str, key: str) -> str:
+        _, body = self.request("POST", self.path(bucket, key) + "?uploads", ok=(200,),
+                               extra={"Content-Type": "application/octet-stream"})
+        upload_id = ElementTree.fromstring(body).findtext(S3_NS + "UploadId")
+        if not upload_id:
+            raise IOError(f"CreateMultipartUpload {bucket}/{key}: no UploadId in {body[:300]!r}")
+        return upload_id
+
+    def upload_part(self, bucket: str, key: str, upload_id: str, number: int, filename: str,
+                    offset: int, length: int) -> Result:
+        """UploadPart from C{filename}[offset:offset+length] (sendfile); timed like put_file."""
+        query = _query({"partNumber": str(number), "uploadId": upload_id})
+        return self.put_file(bucket, key, filename, offset=offset, length=length, query=query)
+
+    def complete_multipart(self, bucket: str, key: str, upload_id: str,
+                           parts: list[tuple[int, str]]) -> Result:
+        """CompleteMultipartUpload, timed from the first byte of the request to the
+        last byte of the answer (which may arrive after keep-alive whitespace)."""
+        xml = "<CompleteMultipartUpload>" + "".join(
+            f"<Part><PartNumber>{n}</PartNumber><ETag>\"{e}\"</ETag></Part>" for n, e in parts
+        ) + "</CompleteMultipartUpload>"
+        body = xml.encode()
+        path = self.path(bucket, key) + "?" + _query({"uploadId": upload_id})
+        headers = self._signed_headers("POST", path, {"Content-Length": str(len(body)),
+                                                      "Content-Type": "application/xml"})
+        self._connection()
+        t0 = time.perf_counter()
+        try:
+            conn = self._start("POST", path, headers)
+            conn.send(body)
+            resp = conn.getresponse()
+            data = resp.read()
+        except (ConnectionError, http.client.HTTPException):
+            self.close()
+            raise
+        t1 = time.perf_counter()
+        self._finish(resp)
+        root = None
+        try:
+            root = ElementTree.fromstring(data.strip())
+        except ElementTree.ParseError:
+            pass
+        if resp.status != 200 or root is None or root.tag.endswith("Error"):
+            raise S3RequestError("POST", path, resp.status, data.strip())
+        etag = (root.findtext(S3_NS + "ETag") or "").strip('"')
+        return Result(t1 - t0, 0, etag=etag)
+
     # -- timed transfers ----------------------------------------------------
-    def put_file(self, bucket: str, key: str, filename: str) -> Result:
-        """PUT the whole file as one object; returns wall time and the ETag."""
-        size = os.path.getsize(filename)
-        path = self.path(bucket, key)
+    def put_file(self, bucket: str, key: str, filename: str, offset: int = 0,
+                 length: Optional[int] = None, query: str = "") -> Result:
+        """PUT the file (or C{length} bytes of it from C{offset}) as one object;
+        returns wall time and the ETag."""
+        size = os.path.getsize(filename) - offset if length is None else length
+        path = self.path(bucket, key) + ("?" + query if query else "")
         headers = self._signed_headers("PUT", path, {
             "Content-Length": str(size), "Content-Type": "application/octet-stream"})
         self._connection()
@@ -141,7 +231,7 @@ class S3Client:
             try:
                 conn = self._start("PUT", path, headers)
                 try:
-                    sent = conn.sock.sendfile(f, 0, size)
+                    sent = conn.sock.sendfile(f, offset, size)
                 except ConnectionError as e:
                     # The server answered early and closed (an error): show its answer.
                     status, body = self._early_answer(conn)
@@ -160,11 +250,12 @@ class S3Client:
             raise S3RequestError("PUT", path, resp.status, body)
         return Result(t1 - t0, size, etag=(resp.getheader("ETag") or "").strip('"'))
 
-    def get(self, bucket: str, key: str, md5: bool = False) -> Result:
+    def get(self, bucket: str, key: str, md5: bool = False,
+            sink: Optional[Callable[[memoryview], None]] = None) -> Result:
         """GET the object, reading 1 MiB at a time and discarding it.
 
-        With C{md5=True} the bytes are also fed to an incremental MD5 (that
-        cost is then inside the timing)."""
+        With C{md5=True} the bytes are also fed to an incremental MD5, and
+        with C{sink} to that callable (that cost is then inside the timing)."""
         path = self.path(bucket, key)
         headers = self._signed_headers("GET", path)
         self._connection()
@@ -185,6 +276,8 @@ class S3Client:
                 total += n
                 if digest is not None:
                     digest.update(view[:n])
+                if sink is not None:
+                    sink(view[:n])
         except (ConnectionError, http.client.HTTPException):
             self.close()
             raise

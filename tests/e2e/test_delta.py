@@ -16,14 +16,12 @@ import atexit
 import gzip
 import hashlib
 import http.client
-import io
 import itertools
 import json
 import os
 import random
 import re
 import subprocess
-import tarfile
 import tempfile
 import threading
 import time
@@ -36,6 +34,7 @@ from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 from twisted.trial import unittest
 
+from tests.e2e.artifacts import make_tar
 from tests.e2e.harness import ACCESS_KEY, SECRET_KEY, ProxyProcess
 
 XATTR = "user.dg.metadata"
@@ -103,16 +102,6 @@ def source_tree() -> dict[str, bytes]:
     return dict(_TREE_CACHE)
 
 
-def make_tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name in sorted(files):
-            info = tarfile.TarInfo("twisted-release/" + name)
-            info.size = len(files[name])
-            info.mtime = 1_700_000_000
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(files[name]))
-    return buf.getvalue()
 
 
 def tar_versions(n: int = 5) -> list[bytes]:
@@ -132,7 +121,7 @@ def tar_versions(n: int = 5) -> list[bytes]:
             files[f"CHANGELOG-{v}.txt"] = f"release {v}\n".encode() * 40  # add a file
             gone = names.pop(rng.randrange(len(names)))  # remove a file
             files.pop(gone, None)
-        versions.append(make_tar(files))
+        versions.append(make_tar(files, root="twisted-release"))
     return versions
 
 

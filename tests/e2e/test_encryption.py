@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import atexit
 import hashlib
-import io
 import json
 import os
 import random
 import shutil
 import subprocess
-import tarfile
 import tempfile
 import time
 from typing import Optional
@@ -33,6 +31,7 @@ from typing import Optional
 from botocore.exceptions import ClientError
 from twisted.trial import unittest
 
+from tests.e2e.artifacts import make_tar
 from tests.e2e.harness import ProxyProcess
 from tests.e2e.seaweed import Seaweed
 
@@ -71,15 +70,6 @@ def marked(n: int, seed: int = 0) -> bytes:
     return bytes(out)
 
 
-def make_tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name in sorted(files):
-            info = tarfile.TarInfo("release/" + name)
-            info.size = len(files[name])
-            info.mtime = 1_700_000_000
-            tar.addfile(info, io.BytesIO(files[name]))
-    return buf.getvalue()
 
 
 def tar_versions(n: int = 3) -> list[bytes]:

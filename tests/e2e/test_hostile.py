@@ -785,7 +785,7 @@ class ExpectContinueTests(HostileBase):
 
     def test_refused_before_body_gets_no_continue(self):
         """Any refusal decided from the headers (no bucket, bad key) skips 100 Continue."""
-        for path, status in ((f"/no-such-bucket/k", 404), (f"/{BUCKET}/a/../b", 400),
+        for path, status in (("/no-such-bucket/k", 404), (f"/{BUCKET}/a/../b", 400),
                              (f"/{BUCKET}/" + "k" * 1025, 400)):
             headers = signed_headers(self.proxy, "PUT", path, payload_hash=UNSIGNED)
             headers.update({"Content-Length": str(MiB), "Expect": "100-continue"})

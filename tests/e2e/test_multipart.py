@@ -24,7 +24,6 @@ import re
 import shutil
 import signal
 import subprocess
-import tarfile
 import tempfile
 import threading
 import time
@@ -37,6 +36,7 @@ from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 from twisted.trial import unittest
 
+from tests.e2e.artifacts import make_tar
 from tests.e2e.harness import ACCESS_KEY, AWS, SECRET_KEY, ProxyProcess
 
 KiB = 1024
@@ -161,16 +161,6 @@ def source_tree(limit: int = 32 * MiB) -> dict[str, bytes]:
     return dict(_TREE)
 
 
-def make_tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name in sorted(files):
-            info = tarfile.TarInfo("release/" + name)
-            info.size = len(files[name])
-            info.mtime = 1_700_000_000
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(files[name]))
-    return buf.getvalue()
 
 
 def tar_versions(n: int) -> list[bytes]:

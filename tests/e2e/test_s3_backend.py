@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import atexit
 import hashlib
-import io
 import os
 import random
 import re
 import stat
-import tarfile
 import tempfile
 import time
 import urllib.request
@@ -32,6 +30,7 @@ from botocore.exceptions import ClientError
 from twisted.trial import unittest
 
 from tests.e2e import seaweed as seaweed_module
+from tests.e2e.artifacts import make_tar
 from tests.e2e.harness import ProxyProcess
 from tests.e2e.seaweed import Seaweed, _free_weed_ports
 
@@ -197,16 +196,6 @@ def random_bytes(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-def make_tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name in sorted(files):
-            info = tarfile.TarInfo("release/" + name)
-            info.size = len(files[name])
-            info.mtime = 1_700_000_000
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(files[name]))
-    return buf.getvalue()
 
 
 def tar_versions(n: int, seed: int, files: int = 8, file_size: int = 40_000) -> list[bytes]:
