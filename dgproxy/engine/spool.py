@@ -55,6 +55,19 @@ class Spool:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         return SpoolFile(path, os.fdopen(fd, "w+b"))
 
+    def link(self, target: str, kind: str) -> Optional["SpoolFile"]:
+        """A hard link to C{target} in the spool, or None (other filesystem,
+        or the target is gone)."""
+        name = f"{PREFIX}{os.getpid()}-{kind}-{secrets.token_hex(8)}"
+        path = os.path.join(self.directory, name)
+        try:
+            os.link(target, path)
+        except OSError:
+            return None
+        spool = SpoolFile(path, open(path, "rb"))
+        spool.size = os.fstat(spool.file.fileno()).st_size
+        return spool
+
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.directory).free
 

@@ -225,6 +225,51 @@ class KeyedLocks:
                 del self._locks[key]
 
 
+class _SpoolTail:
+    """Feeds xdelta3 from the spool file while the body is still arriving.
+
+    The receiver only appends to the spool (so the client is never held up
+    by the encoder), and this reader follows it from the page cache at the
+    encoder's pace: no memory grows whichever side is faster."""
+
+    def __init__(self, path: str):
+        self._file = open(path, "rb")
+        self._written = 0
+        self._done = False
+        self._wake: Optional[defer.Deferred] = None
+
+    def grew(self, n: int) -> None:
+        self._written += n
+        self._poke()
+
+    def finish(self) -> None:
+        self._done = True
+        self._poke()
+
+    def _poke(self) -> None:
+        d, self._wake = self._wake, None
+        if d is not None:
+            d.callback(None)
+
+    async def feed(self, run) -> None:
+        pos = 0
+        try:
+            while run.failed is None:
+                if pos < self._written:
+                    chunk = self._file.read(min(CHUNK, self._written - pos))
+                    pos += len(chunk)
+                    await run.write(chunk)
+                elif self._done:
+                    return
+                else:
+                    self._wake = defer.Deferred()
+                    await self._wake
+        except CodecError:
+            pass  # a losing or failed delta: the original is kept
+        finally:
+            self._file.close()
+
+
 @dataclass
 class _Body:
     """A fully received body: where it is and what it hashed to."""
@@ -309,6 +354,8 @@ class ObjectStore:
                                            cap=int(size_hint * ratio))
             started = time.monotonic()
             source = HashingSource(body)
+            tail = _SpoolTail(spool.path) if run is not None else None
+            feeding = defer.ensureDeferred(tail.feed(run)) if tail is not None else None
             try:
                 while True:
                     chunk = await source.read(CHUNK)
@@ -317,14 +364,17 @@ class ObjectStore:
                     if source.size > self.max_object_size:
                         raise BodyTooLarge(source.size)
                     spool.write(chunk)
-                    if run is not None and run.failed is None:
-                        try:
-                            await run.write(chunk)
-                        except CodecError:
-                            pass  # a losing or failed delta: the original is kept
+                    if tail is not None:
+                        spool.flush()
+                        tail.grew(len(chunk))
             finally:
                 source.close()
+                if tail is not None:
+                    tail.finish()
             spool.flush()
+            received_at = time.monotonic()
+            if feeding is not None:
+                await feeding
             received = _Body(spool, source.size, source.md5.hexdigest(),
                              source.sha256.hexdigest())
             if expected_md5 is not None and received.md5 != expected_md5:
@@ -344,10 +394,16 @@ class ObjectStore:
                     delta.release()
                 delta = self.spool.create("delta")
                 delta_size = await self._encode_file(ref.path, spool, delta, received.size, ratio)
-            return await self.locks.run(
+            encoded_at = time.monotonic()
+            meta = await self.locks.run(
                 (self.backend.name, bucket, ds),
                 lambda: self._decide(bucket, okey, received, ref, delta, delta_size, ratio,
                                      fields, recheck=True))
+            log.debug("Delta PUT {bucket}/{key}: body {body:.3f}s, encode done +{encode:.3f}s, "
+                      "stored +{store:.3f}s", bucket=bucket, key=okey.key,
+                      body=received_at - started, encode=encoded_at - received_at,
+                      store=time.monotonic() - encoded_at)
+            return meta
         except BaseException:
             if run is not None:
                 run.abort()

@@ -361,6 +361,13 @@ class EncryptingBackend:
     def stat(self, bucket, key):
         return self.inner.stat(bucket, key)
 
+    def local_file(self, bucket, key):
+        """The plaintext file, when the stored bytes are plaintext (no key here)."""
+        if self.keys.key is not None or self.keys.legacy_key is not None:
+            return None
+        local = getattr(self.inner, "local_file", None)
+        return local(bucket, key) if local else None
+
     def delete(self, bucket, key):
         return self.inner.delete(bucket, key)
 

@@ -283,6 +283,10 @@ class FilesystemBackend:
             return None
         return self._path(bucket, key)
 
+    def local_file(self, bucket: str, key: str) -> Optional[str]:
+        """The blob's own file, for readers that want a path (xdelta3's source)."""
+        return self._existing_path(bucket, key)
+
     def stat(self, bucket: str, key: str) -> defer.Deferred:
         def stat_():
             path = self._existing_path(bucket, key)

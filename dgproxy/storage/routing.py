@@ -56,6 +56,11 @@ class RoutingBackend:
         backend, real = self.resolve(bucket)
         return backend.delete_bucket(real)
 
+    def local_file(self, bucket: str, key: str):
+        backend, real = self.resolve(bucket)
+        local = getattr(backend, "local_file", None)
+        return local(real, key) if local else None
+
     def stat(self, bucket: str, key: str):
         backend, real = self.resolve(bucket)
         return backend.stat(real, key)
