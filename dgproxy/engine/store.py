@@ -299,14 +299,15 @@ class ObjectStore:
     # -- writes ---------------------------------------------------------------
     async def put(self, bucket: str, key: str, body, *, content_type: Optional[str],
                   user_metadata: Mapping[str, str], expected_md5: Optional[str] = None,
-                  multipart_etag: Optional[str] = None,
-                  size_hint: Optional[int] = None) -> ObjectMetadata:
+                  multipart_etag: Optional[str] = None, size_hint: Optional[int] = None,
+                  expected_sha256: Optional[str] = None) -> ObjectMetadata:
         """Store C{body} under C{key}; nothing is visible unless all of it arrived."""
         okey = ObjectKey(key)
         fields = dict(content_type=content_type, user_metadata=dict(user_metadata),
                       multipart_etag=multipart_etag)
         if not self.policy.eligible(bucket, okey.filename, size_hint):
-            return await self._put_passthrough(bucket, okey, body, expected_md5, fields)
+            return await self._put_passthrough(bucket, okey, body, expected_md5, fields, size_hint,
+                                               expected_sha256)
         return await self._put_candidate(bucket, okey, body, expected_md5, size_hint, fields)
 
     def _metadata(self, okey: ObjectKey, size: int, md5: str, sha256: str, note: str,
@@ -315,9 +316,19 @@ class ObjectStore:
             tool=TOOL_NAME, original_name=okey.filename, file_sha256=sha256, file_size=size,
             md5=md5, created_at=datetime.now(timezone.utc), note=note, **fields, **extra)
 
-    async def _put_passthrough(self, bucket, okey: ObjectKey, body, expected_md5, fields):
+    async def _put_passthrough(self, bucket, okey: ObjectKey, body, expected_md5, fields,
+                               size_hint: Optional[int] = None,
+                               expected_sha256: Optional[str] = None):
         source = HashingSource(body)
-        writer = await self.backend.open_write(bucket, okey.passthrough_key)
+        # The metadata as far as it is known before the body (hashes the client
+        # declared, and checked by the end): a backend that must send metadata
+        # first (S3) can then stream instead of spooling.
+        if size_hint == 0:
+            expected_md5, expected_sha256 = EMPTY_MD5, hashlib.sha256(b"").hexdigest()
+        hint = self._metadata(okey, size_hint or 0, expected_md5 or "", expected_sha256 or "",
+                              PASSTHROUGH, fields)
+        writer = await self.backend.open_write(bucket, okey.passthrough_key, size=size_hint,
+                                               hint=hint)
         try:
             await drain(source, writer.write, self.max_object_size)
             md5 = source.md5.hexdigest()
@@ -330,7 +341,7 @@ class ObjectStore:
             writer.abort()
             raise
         # A passthrough write supersedes any delta of the same key.
-        await self.backend.delete(bucket, okey.delta_key)
+        await self.backend.discard(bucket, okey.delta_key)
         self.stats.decision(PASSTHROUGH)
         return meta
 
@@ -512,7 +523,7 @@ class ObjectStore:
             ref_path=REFERENCE_NAME, ref_sha256=ref.metadata.file_sha256, delta_size=delta_size,
             delta_cmd=f"xdelta3 -e -9 -s {REFERENCE_NAME} {okey.filename} {okey.filename}.delta")
         await self._store_file(bucket, okey.delta_key, delta, meta)
-        await self.backend.delete(bucket, okey.passthrough_key)
+        await self.backend.discard(bucket, okey.passthrough_key)
         if created_reference:
             self.stats.decision(REFERENCE)  # stored whole, as reference.bin: nothing saved
         else:
@@ -523,7 +534,7 @@ class ObjectStore:
     async def _store_passthrough_file(self, bucket, okey: ObjectKey, body: _Body, fields):
         meta = self._metadata(okey, body.size, body.md5, body.sha256, PASSTHROUGH, fields)
         await self._store_file(bucket, okey.passthrough_key, body.spool, meta)
-        await self.backend.delete(bucket, okey.delta_key)
+        await self.backend.discard(bucket, okey.delta_key)
         self.stats.decision(PASSTHROUGH)
         return meta
 
@@ -563,7 +574,8 @@ class ObjectStore:
                    length: Optional[int] = None):
         """An L{IByteSource} over the original bytes of C{version} (or a slice)."""
         if version.metadata.note != DELTA:
-            return await self.backend.open_read(bucket, version.stored.key, offset, length)
+            return await self.backend.open_read(bucket, version.stored.key, offset, length,
+                                                version.stored)
         meta = version.metadata
         key = (bucket, version.key, meta.file_sha256, meta.created_at)
         return await self.rebuilt.open(key, lambda: self._reconstruct(bucket, version),
@@ -587,7 +599,8 @@ class ObjectStore:
 
         started = time.monotonic()
         try:
-            source = await self.backend.open_read(bucket, version.stored.key)
+            source = await self.backend.open_read(bucket, version.stored.key,
+                                                  stored=version.stored)
             if source is None:
                 raise IntegrityError("delta blob vanished")
             run = await self.codec.start("decode", ref.path, sink, cap=meta.file_size,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import time
 from datetime import timezone
 from email.utils import format_datetime
 from typing import Optional
@@ -25,6 +26,7 @@ from dgproxy.storage.interface import (
 from dgproxy.streams import read_all
 
 MAX_SINGLE_PUT = 5 * 1024**3
+BUCKET_CACHE_SECONDS = 10.0
 MAX_USER_METADATA = 2048
 RESPONSE_OVERRIDES = {
     "response-content-type": "Content-Type",
@@ -44,10 +46,25 @@ class Operations:
         self.store = store
         self.max_object_size = min(max_object_size, MAX_SINGLE_PUT)
         self.on_bucket_deleted = lambda bucket: None
+        self._known_buckets: dict[str, float] = {}
 
     # -- helpers -----------------------------------------------------------
+    async def _bucket_exists(self, bucket: str) -> bool:
+        """Backed by a short cache of positive answers: on an S3 backend each
+        check is a request, and a bucket deleted meanwhile still fails the
+        write itself with NoSuchBucket."""
+        now = time.monotonic()
+        if self._known_buckets.get(bucket, 0) > now:
+            return True
+        exists = await self.store.backend.bucket_exists(bucket)
+        if exists:
+            if len(self._known_buckets) > 10000:
+                self._known_buckets.clear()
+            self._known_buckets[bucket] = now + BUCKET_CACHE_SECONDS
+        return exists
+
     async def _require_bucket(self, bucket: str) -> None:
-        if not await self.store.backend.bucket_exists(bucket):
+        if not await self._bucket_exists(bucket):
             raise errors.NoSuchBucket(BucketName=bucket)
 
     async def _current(self, call: S3Call) -> ObjectVersion:
@@ -96,7 +113,9 @@ class Operations:
 
     async def delete_bucket(self, call: S3Call) -> Response:
         try:
+            self._known_buckets.pop(call.bucket, None)
             await self.store.backend.delete_bucket(call.bucket)
+            self._known_buckets.pop(call.bucket, None)
             self.on_bucket_deleted(call.bucket)
         except BucketMissing:
             raise errors.NoSuchBucket(BucketName=call.bucket) from None
@@ -227,12 +246,11 @@ class Operations:
         if call.header("if-none-match") is not None or call.header("if-match") is not None:
             current = await self.store.head(call.bucket, call.key)
             conditions.check_write(call.header, current.etag if current else None)
-        if not await self.store.backend.bucket_exists(call.bucket):
-            raise errors.NoSuchBucket(BucketName=call.bucket)
+        await self._require_bucket(call.bucket)
         body = wrap_body(call.request.accept_body(), call.request.header_map(), call.auth)
         meta = await self._store(call, body, content_type=call.header("content-type"),
                                  user_metadata=user_meta, expected_md5=expected_md5,
-                                 size_hint=length)
+                                 size_hint=length, expected_sha256=_signed_sha256(call))
         return Response(200, [("ETag", meta.etag)])
 
     async def _store(self, call: S3Call, body, **kwargs):
@@ -349,6 +367,14 @@ class Operations:
         body = ("<CopyObjectResult>" + xmlio.el("LastModified", xmlio.iso8601(meta.created_at)) +
                 xmlio.el("ETag", meta.etag) + "</CopyObjectResult>")
         return Response(200, list(XML), (xmlio.XML_HEAD + body).encode("utf-8"))
+
+
+def _signed_sha256(call: S3Call) -> Optional[str]:
+    """The body's SHA-256 as the client declared it (checked as the body streams)."""
+    value = (call.auth.payload_hash if call.auth is not None and not call.auth.presigned
+             else call.header("x-amz-content-sha256")) or ""
+    value = value.strip().lower()
+    return value if len(value) == 64 and all(c in "0123456789abcdef" for c in value) else None
 
 
 def _parse_copy_source(value: str) -> tuple[str, str]:

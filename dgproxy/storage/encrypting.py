@@ -371,12 +371,18 @@ class EncryptingBackend:
     def delete(self, bucket, key):
         return self.inner.delete(bucket, key)
 
+    def discard(self, bucket, key):
+        return self.inner.discard(bucket, key)
+
     def list(self, bucket, prefix, delimiter):
         return self.inner.list(bucket, prefix, delimiter)
 
-    async def open_write(self, bucket: str, key: str):
-        inner = await self.inner.open_write(bucket, key)
-        return _EncryptingWriter(inner, self.keys) if self.keys.encrypts else _PlainWriter(inner)
+    async def open_write(self, bucket: str, key: str, size: Optional[int] = None, hint=None):
+        if self.keys.encrypts:  # ciphertext: the inner backend spools it
+            return _EncryptingWriter(await self.inner.open_write(bucket, key), self.keys)
+        if hint is not None:
+            hint = strip_markers(hint)
+        return _PlainWriter(await self.inner.open_write(bucket, key, size=size, hint=hint))
 
     async def _unmarked(self, bucket: str, key: str, offset: int, length: Optional[int]):
         """A blob without markers is served as it is, unless it starts with the
@@ -400,8 +406,9 @@ class EncryptingBackend:
         return await self.inner.open_read(bucket, key, offset, length)
 
     async def open_read(self, bucket: str, key: str, offset: int = 0,
-                        length: Optional[int] = None):
-        stored = await self.inner.stat(bucket, key)
+                        length: Optional[int] = None, stored=None):
+        if stored is None:
+            stored = await self.inner.stat(bucket, key)
         if stored is None:
             return None
         meta = stored.metadata

@@ -294,7 +294,7 @@ class FilesystemBackend:
         return deferToThread(stat_)
 
     def open_read(self, bucket: str, key: str, offset: int = 0,
-                  length: Optional[int] = None) -> defer.Deferred:
+                  length: Optional[int] = None, stored=None) -> defer.Deferred:
         def open_():
             path = self._existing_path(bucket, key)
             if path is None:
@@ -310,7 +310,8 @@ class FilesystemBackend:
             return FileSource(f, offset, length)
         return deferToThread(open_)
 
-    def open_write(self, bucket: str, key: str) -> defer.Deferred:
+    def open_write(self, bucket: str, key: str, size: Optional[int] = None,
+                   hint=None) -> defer.Deferred:
         def open_():
             target = self._path(bucket, key)
             if any(len(p.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES
@@ -328,6 +329,9 @@ class FilesystemBackend:
             temp = os.path.join(directory, f".dgtmp.{secrets.token_hex(8)}")
             return _FileWriter(target, temp, open(temp, "xb"))
         return deferToThread(open_)
+
+    def discard(self, bucket: str, key: str) -> defer.Deferred:
+        return self.delete(bucket, key)
 
     def delete(self, bucket: str, key: str) -> defer.Deferred:
         def delete():

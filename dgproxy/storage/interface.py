@@ -110,11 +110,19 @@ class IBackend(Interface):
     def stat(bucket: str, key: str):
         """Deferred L{StoredObject} or None."""
 
-    def open_read(bucket: str, key: str, offset: int = 0, length: Optional[int] = None):
-        """Deferred L{IByteSource} over the stored bytes, or None if absent."""
+    def open_read(bucket: str, key: str, offset: int = 0, length: Optional[int] = None,
+                  stored: Optional[StoredObject] = None):
+        """Deferred L{IByteSource} over the stored bytes, or None if absent.
+        C{stored}, when the caller has just looked the blob up, saves a lookup."""
 
-    def open_write(bucket: str, key: str):
-        """Deferred L{IObjectWriter}; fails with L{BucketMissing}/L{KeyConflict}."""
+    def discard(bucket: str, key: str):
+        """Deferred: delete if present, without reporting whether it was."""
+
+    def open_write(bucket: str, key: str, size: Optional[int] = None,
+                   hint: Optional[ObjectMetadata] = None):
+        """Deferred L{IObjectWriter}; fails with L{BucketMissing}/L{KeyConflict}.
+        C{size} and C{hint} (the metadata minus the hashes) are known up front
+        for some writes; a backend may use them to stream rather than spool."""
 
     def delete(bucket: str, key: str):
         """Deferred bool: whether something was deleted."""

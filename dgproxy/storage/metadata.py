@@ -194,6 +194,9 @@ def to_s3_headers(meta: ObjectMetadata, stored_key: str) -> dict[str, str]:
         h["dg-delta-cmd"] = meta.delta_cmd or ""
     if meta.multipart_etag:
         h["dg-multipart-etag"] = meta.multipart_etag
+    for unknown in ("dg-md5", "dg-file-sha256"):  # a streamed upload's hashes come later
+        if not h[unknown]:
+            del h[unknown]
     if meta.content_type:
         h["content-type"] = meta.content_type
     for k, v in meta.user_metadata.items():

@@ -65,13 +65,18 @@ class RoutingBackend:
         backend, real = self.resolve(bucket)
         return backend.stat(real, key)
 
-    def open_read(self, bucket: str, key: str, offset: int = 0, length: Optional[int] = None):
+    def open_read(self, bucket: str, key: str, offset: int = 0, length: Optional[int] = None,
+                  stored=None):
         backend, real = self.resolve(bucket)
-        return backend.open_read(real, key, offset, length)
+        return backend.open_read(real, key, offset, length, stored)
 
-    def open_write(self, bucket: str, key: str):
+    def discard(self, bucket: str, key: str):
         backend, real = self.resolve(bucket)
-        return backend.open_write(real, key)
+        return backend.discard(real, key)
+
+    def open_write(self, bucket: str, key: str, size: Optional[int] = None, hint=None):
+        backend, real = self.resolve(bucket)
+        return backend.open_write(real, key, size=size, hint=hint)
 
     def delete(self, bucket: str, key: str):
         backend, real = self.resolve(bucket)

@@ -25,6 +25,7 @@ from twisted.internet import defer, error as net_error, task
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.client import FileBodyProducer, HTTPConnectionPool, ResponseDone
+from twisted.web.iweb import IBodyProducer
 from twisted.web.client import _HTTP11ClientFactory
 from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
@@ -200,6 +201,23 @@ class S3Client:
             return response
         raise AssertionError("unreachable")
 
+    def stream_put(self, bucket: str, key: str, headers: dict, body) -> defer.Deferred:
+        """Start a PUT whose body the caller writes as it goes (not retried:
+        the body cannot be replayed). Fires with the response."""
+        url = self.url(bucket, key)
+        d = treq.request("PUT", url, data=body, headers=self._signed_headers("PUT", url, headers),
+                         pool=self.pool, unbuffered=True, allow_redirects=False,
+                         reactor=self.reactor)
+
+        def unavailable(failure):
+            if failure.check(defer.CancelledError) or "CancelledError" in repr(failure.value):
+                return failure  # we aborted it (the client went away)
+            log.error("S3 backend '{backend}' failed a streaming PUT: {error}",
+                      backend=self.name, error=str(failure.value))
+            raise BackendUnavailable(self.name, str(failure.value) or failure.type.__name__)
+
+        return d.addErrback(unavailable)
+
     async def error_of(self, response) -> UpstreamError:
         body = await response.content() if response.code != 304 else b""
         code, message = f"HTTP{response.code}", ""
@@ -215,6 +233,104 @@ class S3Client:
 def _headers(response) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v[0].decode("latin-1")
             for k, v in response.headers.getAllRawHeaders()}
+
+
+@implementer(IBodyProducer)
+class _PushBody:
+    """The body of a streaming upstream PUT, written to as the client's arrives."""
+
+    def __init__(self, length: int):
+        self.length = length
+        self._consumer = None
+        self._started = defer.Deferred()
+        self._finished = defer.Deferred()
+        self._resume: Optional[defer.Deferred] = None
+        self.stopped = False
+
+    def startProducing(self, consumer):
+        self._consumer = consumer
+        self._started.callback(None)
+        return self._finished
+
+    def pauseProducing(self):
+        if self._resume is None:
+            self._resume = defer.Deferred()
+
+    def resumeProducing(self):
+        d, self._resume = self._resume, None
+        if d is not None:
+            d.callback(None)
+
+    def stopProducing(self):
+        self.stopped = True
+        self.resumeProducing()
+
+    async def write(self, data: bytes) -> None:
+        if not self._started.called:
+            await self._started
+        if self.stopped:
+            raise BackendUnavailable("upload", "upstream stopped reading the body")
+        self._consumer.write(data)
+        if self._resume is not None:
+            await self._resume
+
+    def end(self) -> None:
+        if not self._finished.called:
+            self._finished.callback(None)
+
+
+@implementer(IObjectWriter)
+class _StreamingWriter:
+    """Streams a blob straight into an upstream PUT whose headers were sent
+    first (its size and metadata known up front, bar the hashes: readers take
+    the MD5 from the upstream ETag). Aborting cuts the connection, so the
+    service never stores a partial object."""
+
+    def __init__(self, backend: "S3Backend", key: str, body: _PushBody, response: defer.Deferred):
+        self._backend = backend
+        self._key = key
+        self._body = body
+        self._response = response
+        self._done = False
+        self._sent = 0
+        self._answered = False
+
+        def answered(result):
+            self._answered = True
+            return result
+
+        response.addBoth(answered)
+
+    def write(self, data: bytes) -> defer.Deferred:
+        if self._answered:
+            return defer.fail(BackendUnavailable(self._backend.name,
+                                                 "upstream answered before the body ended"))
+        self._sent += len(data)
+        return defer.ensureDeferred(self._body.write(data))
+
+    async def commit(self, metadata: ObjectMetadata, exclusive: bool = False) -> None:
+        if exclusive:
+            raise ValueError("a streaming upload cannot be exclusive")
+        self._done = True
+        if self._sent != self._body.length:
+            self._response.cancel()
+            raise BackendUnavailable(self._backend.name, "body length differs from the one sent")
+        self._body.end()
+        response = await self._response
+        if response.code not in (200, 201):
+            raise await self._backend.client.error_of(response)
+        await response.content()
+        etag = response.headers.getRawHeaders(b"etag", [b""])[0].decode("latin-1").strip('"')
+        if metadata.md5 and len(etag) == 32 and etag != metadata.md5:
+            await self._backend.discard(self.bucket, self._key)
+            raise UpstreamError(500, "BadDigest", f"upstream stored {etag}, sent {metadata.md5}")
+
+    def abort(self) -> None:
+        if not self._done:
+            self._done = True
+            self._body.stopProducing()
+            self._response.cancel()
+            self._response.addErrback(lambda _: None)
 
 
 @implementer(IObjectWriter)
@@ -346,7 +462,7 @@ class S3Backend:
         return self._stored(key, response)
 
     async def open_read(self, bucket: str, key: str, offset: int = 0,
-                        length: Optional[int] = None):
+                        length: Optional[int] = None, stored=None):
         headers = {}
         if offset or length is not None:
             end = "" if length is None else str(offset + length - 1)
@@ -362,8 +478,20 @@ class S3Backend:
             await self._fail(response, bucket)
         return _ResponseSource(response)
 
-    async def open_write(self, bucket: str, key: str):
-        return _SpoolingWriter(self, bucket, key, self.spool.create("upload"))
+    async def open_write(self, bucket: str, key: str, size: Optional[int] = None,
+                         hint: Optional[ObjectMetadata] = None):
+        """A writer. With the size and the metadata known up front (C{hint},
+        hashes not needed), the body streams straight upstream; otherwise it
+        is spooled and PUT at commit, once its hashes are known."""
+        if size is None or hint is None or self.native_sse is not None:
+            return _SpoolingWriter(self, bucket, key, self.spool.create("upload"))
+        headers = {"Content-Type": "application/octet-stream", **to_s3_headers(hint, key)}
+        body = _PushBody(size)
+        response = self.client.stream_put(bucket, key, headers, body)
+        writer = _StreamingWriter(self, key, body, response)
+        writer.bucket = bucket
+        return writer
+
 
     async def put_file(self, bucket: str, key: str, path: str, meta: ObjectMetadata,
                        exclusive: bool) -> None:
@@ -390,6 +518,13 @@ class S3Backend:
         if err.code == "NoSuchBucket":
             raise BucketMissing(bucket)
         raise err
+
+    async def discard(self, bucket: str, key: str) -> None:
+        """One DELETE; S3 answers 204 whether or not the key existed."""
+        response = await self.client.request("DELETE", bucket, key)
+        await response.content()
+        if response.code not in (200, 204, 404):
+            raise UpstreamError(response.code, f"HTTP{response.code}", f"DELETE {key} failed")
 
     async def delete(self, bucket: str, key: str) -> bool:
         existed = await self.stat(bucket, key) is not None
