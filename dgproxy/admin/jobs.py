@@ -59,6 +59,9 @@ class ReencryptResource(resource.Resource):
             _json(request, 403, {"error": "access_denied"})
             return server.NOT_DONE_YET
         bucket = request.args.get(b"bucket", [b""])[0].decode("utf-8", "replace")
+        if not bucket:
+            _json(request, 400, {"error": "bad_request", "message": "give ?bucket=NAME"})
+            return server.NOT_DONE_YET
         d = defer.ensureDeferred(self.jobs.status(bucket))
         d.addCallback(lambda st: _json(request, 200 if st else 404,
                                        st or {"error": "no_job", "bucket": bucket}))

@@ -33,6 +33,7 @@ ROOT = ".dg/multipart/"
 COMPLETED = ".dg/completed/"
 MAX_PARTS = 10000
 MIN_PART_SIZE = 5 * 1024 * 1024
+MAX_OBJECT_SIZE = 5 * 1024**4  # S3's limit for an object assembled from parts
 
 
 class NoSuchUpload(Exception):
@@ -296,7 +297,8 @@ class Multipart:
                              [_part_key(upload_id, p.number) for p in chosen])
         await self.store.put(bucket, key, body, content_type=upload.content_type,
                                     user_metadata=upload.user_metadata, multipart_etag=etag,
-                                    size_hint=sum(p.size for p in chosen))
+                                    size_hint=sum(p.size for p in chosen),
+                                    max_size=MAX_OBJECT_SIZE)
         await self._write_blob(bucket, f"{COMPLETED}{upload_id}.json",
                                json.dumps({"key": key, "etag": etag}).encode())
         await self._remove(bucket, upload_id)

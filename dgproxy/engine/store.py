@@ -300,15 +300,19 @@ class ObjectStore:
     async def put(self, bucket: str, key: str, body, *, content_type: Optional[str],
                   user_metadata: Mapping[str, str], expected_md5: Optional[str] = None,
                   multipart_etag: Optional[str] = None, size_hint: Optional[int] = None,
-                  expected_sha256: Optional[str] = None) -> ObjectMetadata:
-        """Store C{body} under C{key}; nothing is visible unless all of it arrived."""
+                  expected_sha256: Optional[str] = None,
+                  max_size: Optional[int] = None) -> ObjectMetadata:
+        """Store C{body} under C{key}; nothing is visible unless all of it arrived.
+        C{max_size} overrides the single-PUT limit (an assembled multipart upload)."""
         okey = ObjectKey(key)
+        limit = max_size or self.max_object_size
         fields = dict(content_type=content_type, user_metadata=dict(user_metadata),
                       multipart_etag=multipart_etag)
         if not self.policy.eligible(bucket, okey.filename, size_hint):
             return await self._put_passthrough(bucket, okey, body, expected_md5, fields, size_hint,
-                                               expected_sha256)
-        return await self._put_candidate(bucket, okey, body, expected_md5, size_hint, fields)
+                                               expected_sha256, limit)
+        return await self._put_candidate(bucket, okey, body, expected_md5, size_hint, fields,
+                                         limit)
 
     def _metadata(self, okey: ObjectKey, size: int, md5: str, sha256: str, note: str,
                   fields: dict, **extra) -> ObjectMetadata:
@@ -318,7 +322,7 @@ class ObjectStore:
 
     async def _put_passthrough(self, bucket, okey: ObjectKey, body, expected_md5, fields,
                                size_hint: Optional[int] = None,
-                               expected_sha256: Optional[str] = None):
+                               expected_sha256: Optional[str] = None, limit: int = 0):
         source = HashingSource(body)
         # The metadata as far as it is known before the body (hashes the client
         # declared, and checked by the end): a backend that must send metadata
@@ -330,7 +334,7 @@ class ObjectStore:
         writer = await self.backend.open_write(bucket, okey.passthrough_key, size=size_hint,
                                                hint=hint)
         try:
-            await drain(source, writer.write, self.max_object_size)
+            await drain(source, writer.write, limit or self.max_object_size)
             md5 = source.md5.hexdigest()
             if expected_md5 is not None and md5 != expected_md5:
                 raise ChecksumMismatch(md5)
@@ -346,7 +350,7 @@ class ObjectStore:
         return meta
 
     async def _put_candidate(self, bucket, okey: ObjectKey, body, expected_md5, size_hint,
-                             fields) -> ObjectMetadata:
+                             fields, limit: int = 0) -> ObjectMetadata:
         """Spool the body while encoding it against the reference (if there is
         one yet), then keep whichever of delta and original is smaller."""
         ds = okey.deltaspace
@@ -372,7 +376,7 @@ class ObjectStore:
                     chunk = await source.read(CHUNK)
                     if not chunk:
                         break
-                    if source.size > self.max_object_size:
+                    if source.size > (limit or self.max_object_size):
                         raise BodyTooLarge(source.size)
                     spool.write(chunk)
                     if tail is not None:
