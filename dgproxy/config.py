@@ -220,8 +220,32 @@ _ENV_REF = re.compile(r"\$\$|\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
 
+def _comment_start(line: str) -> int:
+    """Where a YAML comment starts on C{line} (outside quotes), or its length."""
+    quote = None
+    for i, ch in enumerate(line):
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
+            return i
+    return len(line)
+
+
 def expand_env(text: str, env: Mapping[str, str], source: str) -> str:
-    """Expand C{${env:NAME}} and C{${env:NAME:-default}}; C{$$} is a literal C{$}."""
+    """Expand C{${env:NAME}} and C{${env:NAME:-default}} outside comments;
+    C{$$} is a literal C{$}."""
+    lines = text.split("\n")
+    out = []
+    for line in lines:
+        cut = _comment_start(line)
+        out.append(_expand(line[:cut], env, source) + line[cut:])
+    return "\n".join(out)
+
+
+def _expand(text: str, env: Mapping[str, str], source: str) -> str:
 
     def sub(m: re.Match) -> str:
         if m.group(0) == "$$":
