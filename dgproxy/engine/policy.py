@@ -26,6 +26,10 @@ class DeltaPolicy:
             return False
         if size is not None and size > self.max_delta_object_size:
             return False
+        return self.delta_named(filename)
+
+    def delta_named(self, filename: str) -> bool:
+        """Whether dgproxy could store C{filename} as a delta in any bucket."""
         name = filename.lower()
         return any(name.endswith(ext) for ext in self.extensions)
 

@@ -110,7 +110,9 @@ class References:
 
     def _link_local(self, bucket: str, deltaspace: str, stored, meta) -> Optional[ReferenceFile]:
         """On a plaintext filesystem backend, hard-link reference.bin into the
-        spool instead of copying it: a stable inode for xdelta3 at no cost.
+        spool instead of copying it: a stable inode for xdelta3 at no cost
+        (counted as a cache hit: the point of the cache is not to read the
+        backend, and this does not).
         Not re-hashed here: a delta encoded against these bytes rebuilds
         against the same bytes, and every rebuild is checked by SHA-256."""
         local = getattr(self.backend, "local_file", None)
@@ -135,6 +137,7 @@ class References:
         meta = stored.metadata
         linked = self._link_local(bucket, deltaspace, stored, meta)
         if linked is not None:
+            self.cache.stats.hits += 1  # served without reading the backend
             return linked
         key = self._key(bucket, deltaspace)
         cached = self.cache.get(key, meta.file_sha256)

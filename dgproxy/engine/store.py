@@ -574,6 +574,34 @@ class ObjectStore:
                 best = ObjectVersion(key, stored, meta)
         return best
 
+    async def get(self, bucket: str, key: str):
+        """(current version, source of its whole content) or None, starting the
+        passthrough read while the delta variant is looked up: one round trip
+        to an S3 backend for the common case. The source is None when the
+        delta is current (open it with L{open})."""
+        okey = ObjectKey(key)
+        if not self.policy.delta_named(okey.filename):
+            # dgproxy never stores such a name as a delta: look for one only
+            # when there is no plain object (another tool may have made it).
+            plain = await self.backend.open_with_stat(bucket, okey.passthrough_key)
+            delta = None if plain is not None else await self.backend.stat(bucket, okey.delta_key)
+        else:
+            plain, delta = await defer.gatherResults(
+                [defer.maybeDeferred(self.backend.open_with_stat, bucket, okey.passthrough_key),
+                 defer.maybeDeferred(self.backend.stat, bucket, okey.delta_key)],
+                consumeErrors=True).addErrback(lambda f: f.value.subFailure)
+        best, source = None, None
+        if plain is not None:
+            stored, source = plain
+            best = ObjectVersion(key, stored, _effective(stored))
+        if delta is not None:
+            meta = _effective(delta)
+            if best is None or meta.created_at > best.metadata.created_at:
+                if source is not None:
+                    source.close()
+                return ObjectVersion(key, delta, meta), None
+        return (best, source) if best is not None else None
+
     async def open(self, bucket: str, version: ObjectVersion, offset: int = 0,
                    length: Optional[int] = None):
         """An L{IByteSource} over the original bytes of C{version} (or a slice)."""

@@ -280,10 +280,22 @@ class Operations:
 
     async def get_object(self, call: S3Call) -> Response:
         check_key(call.key, ingest=False)
-        version = await self._current(call)
+        source = None
+        if call.method == "GET" and call.header("range") is None:
+            got = await self.store.get(call.bucket, call.key)
+            if got is None:
+                await self._require_bucket(call.bucket)
+                raise errors.NoSuchKey(Key=call.key)
+            version, source = got
+        else:
+            version = await self._current(call)
         try:
             conditions.check_read(call.header, version.etag, version.last_modified)
-        except conditions.NotModified:
+        except (conditions.NotModified, errors.S3Error) as e:
+            if source is not None:
+                source.close()
+            if isinstance(e, errors.S3Error):
+                raise
             return Response(304, [("ETag", version.etag),
                                   ("Last-Modified", _http_date(version.last_modified))])
         headers = self._object_headers(version)
@@ -300,6 +312,8 @@ class Operations:
             headers.append(("Content-Range", f"bytes {span[0]}-{span[1]}/{size}"))
         if call.method == "HEAD":
             return Response(status, headers, None, length)
+        if source is not None:
+            return Response(status, headers, source, length)
         source = await self.store.open(call.bucket, version, offset, length)
         if source is None:  # deleted between head and open
             raise errors.NoSuchKey(Key=call.key)

@@ -384,6 +384,32 @@ class EncryptingBackend:
             hint = strip_markers(hint)
         return _PlainWriter(await self.inner.open_write(bucket, key, size=size, hint=hint))
 
+    async def open_with_stat(self, bucket: str, key: str):
+        """The whole blob and its metadata from one read of the inner backend,
+        decrypted (or checked for lost markers) like L{open_read}."""
+        got = await self.inner.open_with_stat(bucket, key)
+        if got is None:
+            return None
+        stored, raw = got
+        meta = stored.metadata
+        marker = meta.user_metadata.get(MARKER) if meta is not None else None
+        try:
+            if marker is None:
+                first = await raw.read(CHUNK)
+                if first[:4] == MAGIC:
+                    raise EncryptionError(STRIPPED)
+                return stored, _PrefixedSource(first, raw)
+            if marker != CHUNKED:  # single-shot or unknown: the general path
+                raw.close()
+                source = await self.open_read(bucket, key, stored=stored)
+                return None if source is None else (stored, source)
+            key_bytes = self.keys.for_object(meta.user_metadata.get(KEY_ID))
+            size = blob_size(meta)
+            return stored, _DecryptingSource(raw, ChunkDecryptor(key_bytes, size), 0, size)
+        except BaseException:
+            raw.close()
+            raise
+
     async def _unmarked(self, bucket: str, key: str, offset: int, length: Optional[int]):
         """A blob without markers is served as it is, unless it starts with the
         DGE1 magic (its metadata was lost): checked before any byte is served,

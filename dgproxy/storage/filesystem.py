@@ -287,6 +287,13 @@ class FilesystemBackend:
         """The blob's own file, for readers that want a path (xdelta3's source)."""
         return self._existing_path(bucket, key)
 
+    async def open_with_stat(self, bucket: str, key: str):
+        stored = await self.stat(bucket, key)
+        if stored is None:
+            return None
+        source = await self.open_read(bucket, key)
+        return None if source is None else (stored, source)
+
     def stat(self, bucket: str, key: str) -> defer.Deferred:
         def stat_():
             path = self._existing_path(bucket, key)

@@ -115,6 +115,10 @@ class IBackend(Interface):
         """Deferred L{IByteSource} over the stored bytes, or None if absent.
         C{stored}, when the caller has just looked the blob up, saves a lookup."""
 
+    def open_with_stat(bucket: str, key: str):
+        """Deferred (L{StoredObject}, L{IByteSource} of the whole blob) or None:
+        metadata and content together (one request on S3)."""
+
     def discard(bucket: str, key: str):
         """Deferred: delete if present, without reporting whether it was."""
 

@@ -61,6 +61,10 @@ class RoutingBackend:
         local = getattr(backend, "local_file", None)
         return local(real, key) if local else None
 
+    def open_with_stat(self, bucket: str, key: str):
+        backend, real = self.resolve(bucket)
+        return backend.open_with_stat(real, key)
+
     def stat(self, bucket: str, key: str):
         backend, real = self.resolve(bucket)
         return backend.stat(real, key)

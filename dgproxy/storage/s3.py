@@ -452,6 +452,23 @@ class S3Backend:
             meta = meta.with_changes(md5=_fallback_md5(meta, etag))
         return StoredObject(key, size, modified, meta, etag=etag)
 
+    async def open_with_stat(self, bucket: str, key: str):
+        """(StoredObject, source) from one GET, or None: the metadata comes
+        with the body, saving the HEAD a read would otherwise start with."""
+        response = await self.client.request("GET", bucket, key)
+        if response.code == 404:
+            await response.content()
+            return None
+        if response.code != 200:
+            await self._fail(response, bucket)
+        if not response.headers.hasHeader(b"content-length"):
+            # A chunked answer tells no size: fall back to HEAD + GET.
+            _ResponseSource(response).close()
+            stored = await self.stat(bucket, key)
+            source = None if stored is None else await self.open_read(bucket, key)
+            return None if source is None else (stored, source)
+        return self._stored(key, response), _ResponseSource(response)
+
     async def stat(self, bucket: str, key: str) -> Optional[StoredObject]:
         response = await self.client.request("HEAD", bucket, key)
         await response.content()

@@ -82,13 +82,21 @@ EXPECTED_FAMILIES = {
 _shared: dict[str, ProxyProcess] = {}
 
 
+# Encrypted storage: references are then read (and cached) through the
+# backend; on a plaintext filesystem they are hard-linked and never miss.
+ENCRYPTED = dict(env={"DGP_ENCRYPTION_KEY": "11" * 32},
+                 config_yaml="storage:\n  backend_encryption: {mode: aes256-gcm-proxy}\n")
+
+
 def shared_proxy() -> ProxyProcess:
-    """The module's main server (text logs, default cache, 5 codec slots)."""
+    """The module's main server (text logs, default cache, 5 codec slots, encrypted storage)."""
     proxy = _shared.get("main")
     if proxy is not None and (proxy.proc is None or proxy.proc.poll() is not None):
         proxy = None
     if proxy is None:
-        proxy = ProxyProcess(env={"DGP_CODEC_CONCURRENCY": str(CODEC_SLOTS)}).start()
+        proxy = ProxyProcess(env={"DGP_CODEC_CONCURRENCY": str(CODEC_SLOTS),
+                                  **ENCRYPTED["env"]},
+                             config_yaml=ENCRYPTED["config_yaml"]).start()
         _shared["main"] = proxy
         atexit.register(proxy.cleanup)
     return proxy
@@ -384,6 +392,24 @@ class DeltaMetricsTests(unittest.TestCase):
         self.assertAlmostEqual(rate, misses / (hits + misses))
         self.assertEqual(d("deltaglider_delta_encode_duration_seconds_count"), 0)
 
+    def test_plaintext_filesystem_reference_is_linked_and_counts_as_a_hit(self):
+        """Unencrypted on a filesystem, a reference is hard-linked, never read
+        through the backend: a delta GET is a hit, even on a cold cache."""
+        proxy = started(self)
+        s3 = proxy.client()
+        bucket = new_bucket(self, proxy)
+        v1 = release(11)
+        v2 = next_release(v1, 12)
+        s3.put_object(Bucket=bucket, Key="rel/app-1.zip", Body=v1)
+        s3.put_object(Bucket=bucket, Key="rel/app-2.zip", Body=v2)
+        before = scrape(proxy)
+        self.assertEqual(s3.get_object(Bucket=bucket, Key="rel/app-2.zip")["Body"].read(), v2)
+        after = scrape(proxy)
+        d = lambda name, **l: after.total(name, **l) - before.total(name, **l)
+        self.assertEqual(d("deltaglider_cache_hits_total"), 1)
+        self.assertEqual(d("deltaglider_cache_misses_total"), 0)
+        self.assertEqual(after.value("deltaglider_cache_entries"), 0)
+
     def test_passthrough_get_does_not_touch_codec_or_cache(self):
         bucket = new_bucket(self, self.proxy)
         self.s3.put_object(Bucket=bucket, Key="plain.txt", Body=b"x" * 5000)
@@ -407,7 +433,7 @@ class DeltaMetricsTests(unittest.TestCase):
         self.s3.put_object(Bucket=bucket, Key="rel/app-1.zip", Body=v1)
         self.s3.put_object(Bucket=bucket, Key="rel/app-2.zip", Body=v2)
         self.s3.put_object(Bucket=bucket, Key="rel/app-3.zip", Body=v3)
-        cold = started(self, data_dir=main.data_dir)
+        cold = started(self, data_dir=main.data_dir, **ENCRYPTED)
         c = cold.client()
         s0 = scrape(cold)
         self.assertEqual(s0.value("deltaglider_cache_hits_total"), 0)
