@@ -266,35 +266,45 @@ class FileSink:
 
 
 @implementer(IPushProducer)
-class _RequestPump:
-    """Writes a source into a Twisted request, pausing while it is full."""
+class PauseGate:
+    """A push producer's pause state as something to wait on.
 
-    def __init__(self, source, request):
-        self._source = source
-        self._request = request
-        self._resumed: Optional[defer.Deferred] = None
-        self._stopped = False
+    Register it with a consumer (a request, a pipe, an upload); while the
+    consumer is full, L{paused} is a Deferred that fires on resume."""
+
+    def __init__(self):
+        self.paused: Optional[defer.Deferred] = None
+        self.stopped = False
 
     def pauseProducing(self) -> None:
-        if self._resumed is None:
-            self._resumed = defer.Deferred()
+        if self.paused is None:
+            self.paused = defer.Deferred()
 
     def resumeProducing(self) -> None:
-        d, self._resumed = self._resumed, None
+        d, self.paused = self.paused, None
         if d is not None:
             d.callback(None)
 
     def stopProducing(self) -> None:
-        self._stopped = True
+        self.stopped = True
         self.resumeProducing()
+
+
+class _RequestPump(PauseGate):
+    """Writes a source into a Twisted request, pausing while it is full."""
+
+    def __init__(self, source, request):
+        super().__init__()
+        self._source = source
+        self._request = request
 
     async def run(self) -> int:
         sent = 0
         self._request.registerProducer(self, True)
         try:
-            while not self._stopped:
-                if self._resumed is not None:
-                    await self._resumed
+            while not self.stopped:
+                if self.paused is not None:
+                    await self.paused
                     continue
                 chunk = await self._source.read(CHUNK)
                 if not chunk:
@@ -303,9 +313,9 @@ class _RequestPump:
                 self._request.write(chunk)
         finally:
             self._source.close()
-            if not self._stopped:
+            if not self.stopped:
                 self._request.unregisterProducer()
-        if self._stopped:
+        if self.stopped:
             raise ClientDisconnected("client went away mid-response")
         return sent
 

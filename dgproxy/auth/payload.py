@@ -90,13 +90,13 @@ if _CRC32C is not None:
 # -- single-shot SHA-256 ----------------------------------------------------
 
 @implementer(IByteSource)
-class SignedPayloadSource:
-    """Passes a body through; at its end, checks the signed SHA-256."""
+class _CheckedAtEnd:
+    """Passes a body through, hashing it; at its end (before the final C{b""})
+    L{_check} raises if the digest is not the one declared."""
 
-    def __init__(self, source, expected_sha256_hex: str):
+    def __init__(self, source, hasher):
         self._source = source
-        self._expected = expected_sha256_hex.lower().encode("ascii")
-        self._hash = hashlib.sha256()
+        self._hash = hasher
 
     def read(self, size: int = CHUNK) -> defer.Deferred:
         return self._source.read(size).addCallback(self._seen)
@@ -105,44 +105,46 @@ class SignedPayloadSource:
         if data:
             self._hash.update(data)
             return data
-        actual = self._hash.hexdigest().encode("ascii")
-        if not hmac.compare_digest(actual, self._expected):
-            raise XAmzContentSHA256Mismatch()
+        self._check()
         return b""
+
+    def _check(self) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
         self._source.close()
 
 
+class SignedPayloadSource(_CheckedAtEnd):
+    """Checks the signed C{x-amz-content-sha256} of a body."""
+
+    def __init__(self, source, expected_sha256_hex: str):
+        super().__init__(source, hashlib.sha256())
+        self._expected = expected_sha256_hex.lower().encode("ascii")
+
+    def _check(self) -> None:
+        actual = self._hash.hexdigest().encode("ascii")
+        if not hmac.compare_digest(actual, self._expected):
+            raise XAmzContentSHA256Mismatch()
+
+
 # -- x-amz-checksum-* request headers ---------------------------------------
 
-@implementer(IByteSource)
-class HeaderChecksumSource:
-    """Passes a body through; at its end, checks an C{x-amz-checksum-*} header
-    (SDKs send one with every PutObject/UploadPart)."""
+class HeaderChecksumSource(_CheckedAtEnd):
+    """Checks an C{x-amz-checksum-*} header (SDKs send one with every
+    PutObject/UploadPart)."""
 
     def __init__(self, source, name: str, expected_b64: str):
-        self._source = source
+        super().__init__(source, CHECKSUMS[name]())
         self._name = name
-        self._hash = CHECKSUMS[name]()
         try:
             self._expected = base64.b64decode(expected_b64, validate=True)
         except ValueError:
             raise InvalidArgument(f"Value for {name} header is invalid.") from None
 
-    def read(self, size: int = CHUNK) -> defer.Deferred:
-        return self._source.read(size).addCallback(self._seen)
-
-    def _seen(self, data: bytes) -> bytes:
-        if data:
-            self._hash.update(data)
-            return data
+    def _check(self) -> None:
         if not hmac.compare_digest(self._hash.digest(), self._expected):
             raise BadDigest(f"The {self._name} you specified did not match the calculated checksum.")
-        return b""
-
-    def close(self) -> None:
-        self._source.close()
 
 
 def _with_header_checksums(source, headers: Mapping[str, list[str]]):

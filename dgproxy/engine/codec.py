@@ -17,9 +17,9 @@ import time
 from typing import Callable, Optional
 
 from twisted.internet import defer, error, protocol
-from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
-from zope.interface import implementer
+
+from dgproxy.streams import CHUNK, PauseGate
 
 log = Logger(namespace="dgproxy.codec")
 
@@ -67,26 +67,6 @@ def check_xdelta3(binary: str = "xdelta3") -> str:
     return (banner.stderr or banner.stdout).decode(errors="replace").splitlines()[0]
 
 
-@implementer(IPushProducer)
-class _StdinGate:
-    """Learns from the child's stdin pipe when it is full and when it drains."""
-
-    def __init__(self):
-        self.open: Optional[defer.Deferred] = None
-
-    def pauseProducing(self):
-        if self.open is None:
-            self.open = defer.Deferred()
-
-    def resumeProducing(self):
-        d, self.open = self.open, None
-        if d is not None:
-            d.callback(None)
-
-    def stopProducing(self):
-        self.resumeProducing()
-
-
 class CodecRun(protocol.ProcessProtocol):
     """One xdelta3 child. Feed it with L{write}, end with L{finish}.
 
@@ -100,7 +80,7 @@ class CodecRun(protocol.ProcessProtocol):
         self._cap = cap
         self._stall_timeout = stall_timeout
         self._on_done = on_done
-        self._gate = _StdinGate()
+        self._gate = PauseGate()  # the child's stdin: full, drained
         self._stderr: list[bytes] = []
         self._exited = defer.Deferred()
         self._failure: Optional[CodecError] = None
@@ -143,9 +123,22 @@ class CodecRun(protocol.ProcessProtocol):
         if self._failure is not None or self._exited.called:
             raise self._failure or CodecError("xdelta3 exited early")
         self.transport.write(data)
-        if self._gate.open is not None:
-            await self._gate.open
+        if self._gate.paused is not None:
+            await self._gate.paused
         self._arm()  # the child took input: that is progress too
+
+    async def feed(self, source) -> None:
+        """Write all of C{source} to the child (stopping early if it failed);
+        raises L{CodecError} if it did."""
+        try:
+            while self._failure is None:
+                chunk = await source.read(CHUNK)
+                if not chunk:
+                    return
+                await self.write(chunk)
+            raise self._failure
+        finally:
+            source.close()
 
     async def finish(self) -> int:
         """Close stdin, wait for exit; returns the output size or raises."""

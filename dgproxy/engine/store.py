@@ -454,17 +454,10 @@ class ObjectStore:
         """Encode a spooled body against a reference; None when the delta loses."""
         started = time.monotonic()
         run = await self.codec.start("encode", ref_path, out.write, cap=int(size * ratio))
-        source = FileSource(open(body.path, "rb"))
         try:
-            while run.failed is None:
-                chunk = await source.read(CHUNK)
-                if not chunk:
-                    break
-                await run.write(chunk)
+            await run.feed(FileSource(open(body.path, "rb")))
         except CodecError:
-            pass
-        finally:
-            source.close()
+            pass  # finish() says whether the delta lost or failed
         result, _ = await self._finish_encode(run)
         self.stats.encoded(time.monotonic() - started)
         return result
@@ -638,11 +631,7 @@ class ObjectStore:
             run = await self.codec.start("decode", ref.path, sink, cap=meta.file_size,
                                          raw=not meta.tool.startswith(PYTHON_TOOL))
             try:
-                while run.failed is None:
-                    chunk = await source.read(CHUNK)
-                    if not chunk:
-                        break
-                    await run.write(chunk)
+                await run.feed(source)
                 await run.finish()
             except CodecError as e:
                 run.abort()
@@ -650,8 +639,6 @@ class ObjectStore:
                 log.error("Rebuilding {bucket}/{key} failed: {error}", bucket=bucket,
                           key=version.key, error=str(e))
                 raise IntegrityError(str(e)) from None
-            finally:
-                source.close()
             actual = sha.hexdigest()
             if out.size != meta.file_size or actual != meta.file_sha256:
                 self.references.evict(bucket, ds)

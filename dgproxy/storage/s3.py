@@ -35,7 +35,7 @@ from dgproxy.storage.interface import (
     IObjectWriter, StoredObject, UpstreamError)
 from dgproxy.storage.metadata import (
     DELTA_SUFFIX, REFERENCE_NAME, ObjectMetadata, from_s3_headers, to_s3_headers)
-from dgproxy.streams import BodyStream, ClientDisconnected
+from dgproxy.streams import BodyStream, ClientDisconnected, PauseGate
 
 log = Logger(namespace="dgproxy.storage.s3")
 
@@ -236,34 +236,20 @@ def _headers(response) -> dict[str, str]:
 
 
 @implementer(IBodyProducer)
-class _PushBody:
+class _PushBody(PauseGate):
     """The body of a streaming upstream PUT, written to as the client's arrives."""
 
     def __init__(self, length: int):
+        super().__init__()
         self.length = length
         self._consumer = None
         self._started = defer.Deferred()
         self._finished = defer.Deferred()
-        self._resume: Optional[defer.Deferred] = None
-        self.stopped = False
 
     def startProducing(self, consumer):
         self._consumer = consumer
         self._started.callback(None)
         return self._finished
-
-    def pauseProducing(self):
-        if self._resume is None:
-            self._resume = defer.Deferred()
-
-    def resumeProducing(self):
-        d, self._resume = self._resume, None
-        if d is not None:
-            d.callback(None)
-
-    def stopProducing(self):
-        self.stopped = True
-        self.resumeProducing()
 
     async def write(self, data: bytes) -> None:
         if not self._started.called:
@@ -271,8 +257,8 @@ class _PushBody:
         if self.stopped:
             raise BackendUnavailable("upload", "upstream stopped reading the body")
         self._consumer.write(data)
-        if self._resume is not None:
-            await self._resume
+        if self.paused is not None:
+            await self.paused
 
     def end(self) -> None:
         if not self._finished.called:
