@@ -344,6 +344,10 @@ class EncryptingBackend:
         self.inner = inner
         self.keys = keys
         self.name = inner.name
+        # A ranged read of an unmarked blob costs one more (4-byte) read to
+        # look for lost markers: worth it where keys exist or reads are local.
+        self._sniff_ranges = (keys.key is not None or keys.legacy_key is not None
+                              or hasattr(inner, "local_file"))
 
     # Buckets and listings pass straight through.
     def list_buckets(self):
@@ -423,12 +427,13 @@ class EncryptingBackend:
                 source.close()
                 raise EncryptionError(STRIPPED)
             return _PrefixedSource(first, source)
-        head = await self.inner.open_read(bucket, key, 0, 4)
-        if head is None:
-            return None
-        from dgproxy.streams import read_all
-        if await read_all(head, 4) == MAGIC:
-            raise EncryptionError(STRIPPED)
+        if self._sniff_ranges:
+            head = await self.inner.open_read(bucket, key, 0, 4)
+            if head is None:
+                return None
+            from dgproxy.streams import read_all
+            if await read_all(head, 4) == MAGIC:
+                raise EncryptionError(STRIPPED)
         return await self.inner.open_read(bucket, key, offset, length)
 
     async def open_read(self, bucket: str, key: str, offset: int = 0,

@@ -6,6 +6,7 @@ process, so blocking client calls (boto3, the aws CLI) are fine here.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -25,6 +26,25 @@ TWISTD = os.path.join(VENV_BIN, "twistd")
 AWS = shutil.which("aws", path=VENV_BIN) or shutil.which("aws")
 ACCESS_KEY = "AKIDE2ETEST00000001"
 SECRET_KEY = "e2e-secret-" + "x" * 29
+
+
+_bucket_counter = itertools.count()
+
+
+class LiveProxyCase:
+    """For TestCases against a shared server in C{self.proxy} with a client in
+    C{self.s3}: fresh bucket names, and a failure if the server died."""
+
+    def tearDown(self):
+        if self.proxy.proc is None or self.proxy.proc.poll() is not None:
+            self.fail("dgproxy died during the test:\n" + self.proxy.log()[-4000:])
+
+    def new_bucket(self, create: bool = True) -> str:
+        stem = self._testMethodName.replace("_", "-").lower()[:40].strip("-")
+        name = f"{stem}-{next(_bucket_counter)}-{os.getpid() % 10000}"
+        if create:
+            self.s3.create_bucket(Bucket=name)
+        return name
 
 
 def free_port() -> int:

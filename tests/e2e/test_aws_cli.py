@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import hashlib
-import itertools
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -19,10 +18,9 @@ from typing import Optional
 from botocore.exceptions import ClientError
 from twisted.trial import unittest
 
-from tests.e2e.harness import ProxyProcess
+from tests.e2e.harness import LiveProxyCase, ProxyProcess
 
 _proxy: Optional[ProxyProcess] = None
-_counter = itertools.count()
 
 
 def shared_proxy() -> ProxyProcess:
@@ -62,7 +60,7 @@ def tree(root: str) -> dict[str, bytes]:
     return out
 
 
-class AwsCliTests(unittest.TestCase):
+class AwsCliTests(LiveProxyCase, unittest.TestCase):
 
     def setUp(self):
         self.proxy = shared_proxy()
@@ -70,17 +68,8 @@ class AwsCliTests(unittest.TestCase):
         self.tmp = os.path.abspath(self.mktemp())
         os.makedirs(self.tmp)
 
-    def tearDown(self):
-        if self.proxy.proc is None or self.proxy.proc.poll() is not None:
-            self.fail("dgproxy died during the test:\n" + self.proxy.log()[-4000:])
 
     # helpers -------------------------------------------------------------------
-    def new_bucket(self, create: bool = True) -> str:
-        stem = self._testMethodName.replace("_", "-").lower()[:40].strip("-")
-        name = f"{stem}-{next(_counter)}-{os.getpid() % 10000}"
-        if create:
-            self.s3.create_bucket(Bucket=name)
-        return name
 
     def aws(self, *args: str) -> str:
         """Run the CLI, require success, return its stdout."""

@@ -50,14 +50,6 @@ class BackendOutageTests(ClassFixture, unittest.TestCase):
         cls.s3.create_bucket(Bucket="remote")
         cls.s3.create_bucket(Bucket="localbkt")
 
-    @classmethod
-    def tearDownClass(cls):
-        if cls.proxy is not None:
-            cls.proxy.cleanup()
-            cls.proxy = None
-        if cls.weed is not None:
-            cls.weed.cleanup()
-            cls.weed = None
 
     def assertOutage(self, fn, **kwargs) -> None:
         status, code = s3_error(fn, **kwargs)

@@ -11,7 +11,6 @@ import atexit
 import base64
 import hashlib
 import http.client
-import itertools
 import os
 import time
 from datetime import datetime, timedelta, timezone
@@ -24,10 +23,9 @@ from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 from twisted.trial import unittest
 
-from tests.e2e.harness import ACCESS_KEY, SECRET_KEY, ProxyProcess
+from tests.e2e.harness import LiveProxyCase, ACCESS_KEY, SECRET_KEY, ProxyProcess
 
 _proxy: Optional[ProxyProcess] = None
-_counter = itertools.count()
 
 
 def shared_proxy() -> ProxyProcess:
@@ -60,7 +58,7 @@ SPECIAL_KEYS = [
 ]
 
 
-class S3Case(unittest.TestCase):
+class S3Case(LiveProxyCase, unittest.TestCase):
     """Shared plumbing: the server, a fresh bucket per test, error checks."""
 
     def setUp(self):
@@ -68,16 +66,7 @@ class S3Case(unittest.TestCase):
         self.s3 = self.proxy.client()
         self.s3v4 = self.proxy.client(signature_version="s3v4")  # for presigning
 
-    def tearDown(self):
-        if self.proxy.proc is None or self.proxy.proc.poll() is not None:
-            self.fail("dgproxy died during the test:\n" + self.proxy.log()[-4000:])
 
-    def new_bucket(self, create: bool = True) -> str:
-        stem = self._testMethodName.replace("_", "-").lower()[:40].strip("-")
-        name = f"{stem}-{next(_counter)}-{os.getpid() % 10000}"
-        if create:
-            self.s3.create_bucket(Bucket=name)
-        return name
 
     def expect_error(self, status: int, code: str, fn, *args, **kwargs) -> ClientError:
         e = self.assertRaises(ClientError, fn, *args, **kwargs)

@@ -16,7 +16,6 @@ import atexit
 import gzip
 import hashlib
 import http.client
-import itertools
 import json
 import os
 import random
@@ -35,7 +34,7 @@ from botocore.exceptions import ClientError
 from twisted.trial import unittest
 
 from tests.e2e.artifacts import make_tar
-from tests.e2e.harness import ACCESS_KEY, SECRET_KEY, ProxyProcess
+from tests.e2e.harness import LiveProxyCase, ACCESS_KEY, SECRET_KEY, ProxyProcess
 
 XATTR = "user.dg.metadata"
 EMPTY_MD5 = "d41d8cd98f00b204e9800998ecf8427e"
@@ -55,7 +54,6 @@ storage:
 """
 
 _proxies: dict[str, ProxyProcess] = {}
-_counter = itertools.count()
 
 
 def _shared(name: str, **kwargs) -> ProxyProcess:
@@ -149,7 +147,7 @@ def similar_versions(n: int, size: int, seed: int) -> list[bytes]:
 
 
 # -- test plumbing -------------------------------------------------------------------------
-class DeltaCase(unittest.TestCase):
+class DeltaCase(LiveProxyCase, unittest.TestCase):
     """A fresh bucket per test on a shared server, plus on-disk helpers."""
 
     proxy_name = "main"
@@ -159,16 +157,7 @@ class DeltaCase(unittest.TestCase):
         self.proxy = _shared(self.proxy_name, **self.proxy_kwargs)
         self.s3 = self.proxy.client()
 
-    def tearDown(self):
-        if self.proxy.proc is None or self.proxy.proc.poll() is not None:
-            self.fail("dgproxy died during the test:\n" + self.proxy.log()[-4000:])
 
-    def new_bucket(self, create: bool = True) -> str:
-        stem = self._testMethodName.replace("_", "-").lower()[:40].strip("-")
-        name = f"{stem}-{next(_counter)}-{os.getpid() % 10000}"
-        if create:
-            self.s3.create_bucket(Bucket=name)
-        return name
 
     def ds_dir(self, bucket: str, prefix: str = "") -> str:
         parts = [p for p in prefix.split("/") if p]

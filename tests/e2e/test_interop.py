@@ -130,12 +130,7 @@ class InteropTests(ClassFixture, unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
-        if cls.proxy is not None:
-            cls.proxy.cleanup()
-            cls.proxy = None
-        if cls.weed is not None:
-            cls.weed.cleanup()
-            cls.weed = None
+        super().tearDownClass()
         if cls.tmp is not None:
             shutil.rmtree(cls.tmp, ignore_errors=True)
             cls.tmp = None

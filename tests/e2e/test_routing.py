@@ -72,14 +72,6 @@ class RoutingTests(ClassFixture, unittest.TestCase):
         cls.s3.create_bucket(Bucket="remote")
         cls.s3.create_bucket(Bucket="localbkt")
 
-    @classmethod
-    def tearDownClass(cls):
-        if cls.proxy is not None:
-            cls.proxy.cleanup()
-            cls.proxy = None
-        if cls.weed is not None:
-            cls.weed.cleanup()
-            cls.weed = None
 
     def test_startup_log_names_the_routes(self):
         log = self.proxy.log()

@@ -50,10 +50,21 @@ class ClassFixture:
     skips them all, if it raised L{unittest.SkipTest}); C{tearDownClass} runs
     after it all the same, so it must cope with a half-built class."""
 
+    proxy = None
+    weed = None
     _current: Optional[type] = None
     _remaining: dict = {}
     _failed: dict = {}
     _atexit = False
+
+    @classmethod
+    def tearDownClass(cls):
+        """Stop the class's dgproxy and SeaweedFS, whichever it started."""
+        for name in ("proxy", "weed"):
+            server = getattr(cls, name, None)
+            if server is not None:
+                server.cleanup()
+                setattr(cls, name, None)
 
     def setUp(self):
         cls = type(self)
@@ -265,14 +276,6 @@ class S3BackendCase(ClassFixture, unittest.TestCase):
         cls.w = cls.weed.client()
         cls.s3.create_bucket(Bucket=cls.bucket)
 
-    @classmethod
-    def tearDownClass(cls):
-        if cls.proxy is not None:
-            cls.proxy.cleanup()
-            cls.proxy = None
-        if cls.weed is not None:
-            cls.weed.cleanup()
-            cls.weed = None
 
     def put(self, key: str, data: bytes, **kwargs) -> dict:
         return self.s3.put_object(Bucket=self.bucket, Key=key, Body=data, **kwargs)
