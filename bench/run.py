@@ -2,10 +2,11 @@
 """`make bench`: dgproxy throughput, memory and delta savings, SPEC §10.
 
 One run starts SeaweedFS (`weed mini`, S3 with SigV4 auth enabled through
-AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and two dgproxy processes
+AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and up to four dgproxy processes
 (`twistd -n dgproxy`): one on the filesystem backend, one with that SeaweedFS
-as its S3 backend. It drives them all with the same streaming client
-(bench/s3client.py) through five sections:
+as its S3 backend, one on the filesystem backend with encryption at rest, and
+a fresh one on the filesystem backend for the concurrency test. It drives them
+all with the same streaming client (bench/s3client.py) through seven sections:
 
 1. passthrough PUT/GET MB/s (1 MiB, 64 MiB, 1 GiB), dgproxy (filesystem)
    vs SeaweedFS, and dgproxy's peak RSS growth on the 1 GiB transfers;
@@ -16,7 +17,12 @@ as its S3 backend. It drives them all with the same streaming client
 3. a 1 GiB delta PUT and GET: peak RSS growth and the stored delta size;
 4. a 2 GiB multipart upload: peak RSS growth and the Complete time;
 5. the S3 backend: passthrough PUT/GET through dgproxy vs the same client
-   straight to SeaweedFS, RSS on 1 GiB, and the delta corpus through it.
+   straight to SeaweedFS, RSS on 1 GiB, and the delta corpus through it;
+6. encryption at rest: section 1's passthrough workload and section 2's
+   corpus through a dgproxy with proxy-side AES-256-GCM, next to the
+   unencrypted numbers of this run, RSS on 1 GiB, and a look at the stored files;
+7. concurrency: 64 clients doing small PUT/GET for 30 s; requests/s, latency
+   percentiles, errors, and a read-back of every object written.
 
 It ends with one PASS/FAIL line per target. See bench/README.md.
 
@@ -30,9 +36,12 @@ from __future__ import annotations
 import glob
 import gzip
 import hashlib
+import math
+import multiprocessing
 import os
 import platform
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -98,7 +107,7 @@ MP_PARALLEL = 4
 DISK_NEEDED = 16 * GiB
 
 # For development: BENCH_SECTIONS=2,3 runs only those sections (default: all).
-SECTIONS = {int(x) for x in os.environ.get("BENCH_SECTIONS", "1,2,3,4,5").split(",") if x.strip()}
+SECTIONS = {int(x) for x in os.environ.get("BENCH_SECTIONS", "1,2,3,4,5,6,7").split(",") if x.strip()}
 
 
 def log(msg: str = "") -> None:
@@ -868,6 +877,439 @@ def report_corpus(title: str, corpus: list[CorpusFile], res: CorpusRun, verdicts
     log(f"  dgproxy stores {res.stored_total / total:.3f}x what deltaglider stores")
 
 
+# -- section 6: encryption at rest ------------------------------------------------------------
+
+ENC_CONFIG = "storage:\n  backend_encryption:\n    mode: aes256-gcm-proxy\n"
+ENC_MAGIC = b"DGE1"           # dgproxy/storage/encrypting.py: chunked AES-256-GCM format
+ENC_MARKER = b"dg-encrypted"  # in the object's metadata (xattr user.dg.metadata)
+
+
+@dataclass
+class AtRest:
+    files: int = 0
+    encrypted: int = 0        # begins with DGE1 and the metadata carries the marker
+    nbytes: int = 0
+    plain: list = field(default_factory=list)  # files that are not
+
+
+def at_rest(root: str) -> AtRest:
+    """Look at every stored object file under a bucket directory, as a thief with
+    the disk would: does it begin with the DGE1 magic, is it marked encrypted?"""
+    res = AtRest()
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            if name.startswith("."):
+                continue  # temp files, probes
+            path = os.path.join(dirpath, name)
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(len(ENC_MAGIC))
+                size = os.path.getsize(path)
+                try:
+                    meta = os.getxattr(path, "user.dg.metadata")
+                except OSError:
+                    meta = b""
+            except OSError:
+                continue  # went away
+            res.files += 1
+            res.nbytes += size
+            if head == ENC_MAGIC and ENC_MARKER in meta:
+                res.encrypted += 1
+            else:
+                res.plain.append(os.path.relpath(path, root))
+    return res
+
+
+def report_encryption(enc: Passthrough, plain: Optional[Passthrough], enc_corpus: Optional["CorpusRun"],
+                      plain_corpus: Optional["CorpusRun"], corpus: list, rest: AtRest,
+                      rest_corpus: Optional[AtRest], sent: int, corpus_why: str,
+                      key_line: str, verdicts: Verdicts) -> None:
+    log("[6] Encryption at rest: dgproxy-enc (filesystem backend, storage.backend_encryption.mode = "
+        "aes256-gcm-proxy, key from DGP_ENCRYPTION_KEY) next to the unencrypted dgproxy of [1]/[2] "
+        "in this run")
+    log(f"  {key_line}")
+    log("  MB/s (1 MB = 10^6 bytes): median [best]; ratio = encrypted median / plain median")
+    hdr = f"{'op':<4} {'workload':<22} {'reps':>4}  {'encrypted':>17}  {'plain':>17}  {'ratio':>6}"
+    log(hdr)
+    log("-" * len(hdr))
+
+    def fmt(x: Series) -> str:
+        return f"{x.median:7.1f} [{x.best:7.1f}]"
+
+    missing = []
+    if plain is None:
+        missing.append("[1] (passthrough)")
+    for op, table, ptable in (("PUT", enc.put, plain.put if plain else None),
+                              ("GET", enc.get, plain.get if plain else None)):
+        for label, size, reps in SIZES:
+            e = table[("dgproxy-enc", size)]
+            p = ptable[("dgproxy", size)] if ptable else None
+            log(f"{op:<4} {'passthrough ' + label:<22} {reps:>4}  {fmt(e):>17}  "
+                + (f"{fmt(p):>17}  {e.median / p.median:6.2f}" if p else f"{'missing':>17}  {'-':>6}"))
+    if enc_corpus is not None:
+        original = sum(cf.size for cf in corpus)
+        e_put = mbps(original, sum(enc_corpus.put[cf.version][0] for cf in corpus))
+        e_get = mbps(original, sum(enc_corpus.get.values()))
+        p_put = p_get = None
+        if plain_corpus is not None:
+            p_put = mbps(original, sum(plain_corpus.put[cf.version][0] for cf in corpus))
+            p_get = mbps(original, sum(plain_corpus.get.values()))
+        else:
+            missing.append("[2] (delta corpus)")
+        for op, e, p in (("PUT", e_put, p_put), ("GET", e_get, p_get)):
+            log(f"{op:<4} {'delta corpus (10 .tar)':<22} {1:>4}  {e:17.1f}  "
+                + (f"{p:17.1f}  {e / p:6.2f}" if p else f"{'missing':>17}  {'-':>6}"))
+    else:
+        log(f"     delta corpus: skipped: {corpus_why}")
+    log("  (delta corpus: all ten versions in release order into a fresh bucket, first round of [2]; "
+        "GET rebuilds each version from its delta)")
+    if missing:
+        log(f"  comparison missing: {'sections' if len(missing) > 1 else 'section'} "
+            f"{' and '.join(missing)} {'were' if len(missing) > 1 else 'was'} not run in this bench "
+            f"run (BENCH_SECTIONS), so there is no unencrypted number to put next to the encrypted one")
+    log(f"  at rest, passthrough objects: {rest.encrypted}/{rest.files} object files begin with "
+        f"{ENC_MAGIC.decode()} and carry the {ENC_MARKER.decode()} marker; {rest.nbytes / MiB:.1f} MiB "
+        f"stored for {sent / MiB:.1f} MiB PUT (+{(rest.nbytes / sent - 1) * 100:.3f}%)")
+    if rest_corpus is not None and enc_corpus is not None:
+        line = (f"  at rest, delta corpus: {rest_corpus.encrypted}/{rest_corpus.files} object files "
+                f"encrypted; stored {enc_corpus.stored_total / 1e6:.2f} MB")
+        if plain_corpus is not None:
+            line += (f" vs {plain_corpus.stored_total / 1e6:.2f} MB unencrypted "
+                     f"({enc_corpus.stored_total / plain_corpus.stored_total:.3f}x)")
+        kinds = sum(1 for k in enc_corpus.stored if k.endswith(".delta"))
+        log(line + f", {kinds} .delta files")
+    for path in (rest.plain + (rest_corpus.plain if rest_corpus else []))[:5]:
+        log(f"    NOT encrypted: {path}")
+    log(f"Peak RSS growth during a 1 GiB encrypted transfer (VmRSS every {RSS_INTERVAL * 1000:.0f} ms, "
+        f"worst of the repetitions)")
+    for op in ("PUT", "GET"):
+        log(f"  dgproxy-enc {op}: {enc.rss[('dgproxy-enc', op)].describe()}"
+            + (f"   (unencrypted [1]: growth {plain.rss[('dgproxy', op)].growth / MiB:.1f} MiB)"
+               if plain else ""))
+    for op in ("PUT", "GET"):
+        g = enc.rss[("dgproxy-enc", op)].growth
+        verdicts.add(f"[6] encrypted memory {op} 1 GiB: dgproxy-enc RSS growth {g / MiB:.1f} MiB "
+                     f"(target < {RSS_TARGET // MiB} MiB)", g < RSS_TARGET)
+    total = rest.files + (rest_corpus.files if rest_corpus else 0)
+    good = rest.encrypted + (rest_corpus.encrypted if rest_corpus else 0)
+    verdicts.add(f"[6] encrypted at rest: {good}/{total} stored object files in the DGE1 format "
+                 f"with the dg-encrypted marker", total > 0 and good == total)
+
+
+# -- section 7: concurrency ----------------------------------------------------------------
+
+CONC_CLIENTS = 64         # concurrent clients, one keep-alive connection each
+CONC_SECONDS = 30.0
+CONC_BUCKET = "conc"
+# Delta-eligible objects go into shared prefixes rel-0/ .. rel-7/, one base body
+# per prefix (its size in KiB); every object there is that body with a few
+# small changes, so all clients race on the same references and delta locks.
+CONC_DELTA_KIB = (4, 8, 12, 16, 24, 32, 48, 64)
+CONC_DELTA_SHARE = 0.5    # of the PUTs; the rest are random .dat bodies of 4-64 KiB
+CONC_PUT_SHARE = 0.5      # of the requests; the rest are GETs of the client's own objects
+CONC_SEED = 20240607
+CONC_VERIFY_THREADS = 8
+# 0 (the default): the clients are threads of the bench process. They use about
+# 10% of one core at the rates dgproxy reaches, so the GIL does not set the pace
+# (measured: 4 processes x 16 threads give the same numbers). N > 0: N client
+# processes (forked), CONC_CLIENTS / N threads each.
+CONC_PROCS = int(os.environ.get("BENCH_CONC_PROCS", "0"))
+CONC_MAX_MESSAGES = 5     # error messages kept per client
+
+
+def _conc_client(port: int, idx: int, start_at: float, seconds: float, bases: list,
+                 out: list) -> None:
+    """One client: connect, wait for start_at, then PUT/GET until start_at + seconds."""
+    rng = random.Random(CONC_SEED * 1000 + idx)
+    res = {"idx": idx, "put": [], "get": [], "written": {}, "errors": 0, "messages": [],
+           "connects": 0, "put_bytes": 0, "get_bytes": 0, "delta_puts": 0, "finished": 0.0}
+
+    def error(what: str) -> None:
+        res["errors"] += 1
+        if len(res["messages"]) < CONC_MAX_MESSAGES:
+            res["messages"].append(f"client {idx}: {what}"[:400])
+
+    c = S3Client("127.0.0.1", port, ACCESS_KEY, SECRET_KEY, timeout=60)
+    try:
+        c._connection()  # connect before the clock
+    except OSError as e:
+        error(f"connect: {e!r}")
+    time.sleep(max(0.0, start_at - time.monotonic()))
+    end = start_at + seconds
+    mine: list[str] = []
+    n = 0
+    while time.monotonic() < end:
+        if not mine or rng.random() < CONC_PUT_SHARE:
+            n += 1
+            if rng.random() < CONC_DELTA_SHARE:
+                p = rng.randrange(len(bases))
+                body = bytearray(bases[p])
+                for _ in range(3):
+                    at = rng.randrange(len(body) - 16)
+                    body[at:at + 16] = rng.randbytes(16)
+                body = bytes(body[:len(body) - rng.randrange(256)])
+                key = f"rel-{p}/c{idx:02d}-{n:05d}{rng.choice(('.tar', '.zip'))}"
+            else:
+                body = rng.randbytes(rng.randint(4 * KiB, 64 * KiB))
+                key = f"misc/c{idx:02d}/{n:05d}.dat"
+            md5 = hashlib.md5(body).hexdigest()
+            try:
+                r = c.put_bytes(CONC_BUCKET, key, body)
+            except Exception as e:
+                c.close()
+                error(f"PUT {key}: {type(e).__name__}: {e}")
+                continue
+            res["written"][key] = md5  # verified at the end even if the ETag is wrong
+            mine.append(key)
+            if r.etag != md5:
+                error(f"PUT {key}: ETag {r.etag} != MD5 {md5}")
+                continue
+            res["put"].append(r.seconds)
+            res["put_bytes"] += len(body)
+            res["delta_puts"] += key.startswith("rel-")
+        else:
+            key = rng.choice(mine)
+            try:
+                r = c.get(CONC_BUCKET, key, md5=True)
+            except Exception as e:
+                c.close()
+                error(f"GET {key}: {type(e).__name__}: {e}")
+                continue
+            if r.md5 != res["written"][key]:
+                error(f"GET {key}: body MD5 {r.md5} != sent {res['written'][key]}")
+                continue
+            res["get"].append(r.seconds)
+            res["get_bytes"] += r.nbytes
+    res["finished"] = time.monotonic()
+    res["connects"] = c.connects
+    c.close()
+    out.append(res)
+
+
+def _conc_group(port: int, idxs: list, start_at: float, seconds: float, bases: list) -> tuple:
+    """Run the clients C{idxs} as threads of this process; returns (their
+    results, this process's CPU seconds over the run)."""
+    results: list = []
+    threads = [threading.Thread(target=_conc_client, args=(port, i, start_at, seconds, bases,
+                                                           results), daemon=True) for i in idxs]
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    return results, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+
+
+def _conc_process(port: int, idxs: list, start_at: float, seconds: float, bases: list, q) -> None:
+    try:
+        q.put(_conc_group(port, idxs, start_at, seconds, bases))
+    except BaseException as e:  # report, never hang the parent
+        q.put(e)
+
+
+def proc_cpu(pid: int) -> tuple[float, float]:
+    """(CPU seconds of pid itself, CPU seconds of its reaped children), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    # fields[0] is the state (field 3); utime, stime, cutime, cstime are fields 14-17
+    ut, st, cut, cst = (int(x) for x in fields[11:15])
+    return (ut + st) / tick, (cut + cst) / tick
+
+
+def percentile(xs: list, p: float) -> float:
+    """Nearest-rank percentile of xs (p in 0..100)."""
+    if not xs:
+        return float("nan")
+    ys = sorted(xs)
+    return ys[max(0, min(len(ys) - 1, math.ceil(p / 100 * len(ys)) - 1))]
+
+
+@dataclass
+class ConcRun:
+    clients: list = field(default_factory=list)
+    procs: int = 0
+    wall: float = 0.0
+    client_cpu: float = 0.0
+    server_cpu: float = 0.0
+    children_cpu: float = 0.0
+    rss: Optional["RssSampler"] = None
+    verified: int = 0
+    unreadable: list = field(default_factory=list)   # (key, why)
+    wrong: list = field(default_factory=list)        # keys whose body came back different
+    unlisted: list = field(default_factory=list)     # keys missing from ListObjectsV2
+    listed: int = 0
+    verify_seconds: float = 0.0
+    stored: dict = field(default_factory=dict)       # kind -> count (rel-* prefixes)
+    log_problems: int = 0
+
+
+def concurrency(server: "DgProxy") -> ConcRun:
+    res = ConcRun(procs=CONC_PROCS)
+    admin = server.client()
+    admin.create_bucket(CONC_BUCKET)
+    admin.close()
+    brng = random.Random(CONC_SEED)
+    bases = [brng.randbytes(k * KiB) for k in CONC_DELTA_KIB]
+    idxs = list(range(CONC_CLIENTS))
+    cpu0, kids0 = proc_cpu(server.proc.pid)
+    start_at = time.monotonic() + 1.5
+    with RssSampler(server.proc.pid) as sampler:
+        if CONC_PROCS <= 0:
+            results, res.client_cpu = _conc_group(server.port, idxs, start_at, CONC_SECONDS, bases)
+            res.clients = results
+        else:
+            ctx = multiprocessing.get_context("fork")
+            q = ctx.Queue()
+            groups = [idxs[i::CONC_PROCS] for i in range(CONC_PROCS)]
+            procs = [ctx.Process(target=_conc_process, args=(server.port, g, start_at, CONC_SECONDS,
+                                                             bases, q), daemon=True)
+                     for g in groups]
+            for pr in procs:
+                pr.start()
+            try:
+                for _ in procs:
+                    got = q.get(timeout=CONC_SECONDS + 300)
+                    if isinstance(got, BaseException):
+                        raise RuntimeError(f"a concurrency client process failed: {got!r}")
+                    results, cpu = got
+                    res.clients.extend(results)
+                    res.client_cpu += cpu
+            finally:
+                for pr in procs:
+                    pr.join(10)
+                    if pr.is_alive():  # our own child, by its handle
+                        pr.kill()
+                        pr.join()
+    res.rss = sampler
+    cpu1, kids1 = proc_cpu(server.proc.pid)
+    res.server_cpu, res.children_cpu = cpu1 - cpu0, kids1 - kids0
+    res.wall = max(r["finished"] for r in res.clients) - start_at
+    server.check_alive()
+
+    # No lost object: every object written reads back with its MD5, and is listed.
+    written = {k: v for r in res.clients for k, v in r["written"].items()}
+    t0 = time.monotonic()
+    local = threading.local()
+    vclients: list[S3Client] = []
+    lock = threading.Lock()
+
+    def verify(item):
+        key, md5 = item
+        cl = getattr(local, "client", None)
+        if cl is None:
+            cl = local.client = server.client()
+            with lock:
+                vclients.append(cl)
+        try:
+            r = cl.get(CONC_BUCKET, key, md5=True)
+        except Exception as e:
+            cl.close()
+            return key, f"{type(e).__name__}: {e}"[:300]
+        return key, None if r.md5 == md5 else "wrong"
+
+    with ThreadPoolExecutor(CONC_VERIFY_THREADS) as pool:
+        for key, why in pool.map(verify, sorted(written.items())):
+            if why == "wrong":
+                res.wrong.append(key)
+            elif why:
+                res.unreadable.append((key, why))
+            else:
+                res.verified += 1
+    for cl in vclients:
+        cl.close()
+    lister = server.client()
+    listed = {k for k, _ in lister.list_objects(CONC_BUCKET)}
+    lister.close()
+    res.listed = len(listed)
+    res.unlisted = sorted(set(written) - listed)
+    res.verify_seconds = time.monotonic() - t0
+
+    # How the delta-eligible objects were stored.
+    kinds = {"delta": 0, "passthrough": 0, "reference": 0}
+    for rel, _size in _tree_files(os.path.join(server.data_dir, CONC_BUCKET)).items():
+        name = os.path.basename(rel)
+        if not any(part.startswith("rel-") for part in rel.split(os.sep)) or is_temp_file(name):
+            continue
+        if name == "reference.bin":
+            kinds["reference"] += 1
+        elif name.endswith(".delta"):
+            kinds["delta"] += 1
+        else:
+            kinds["passthrough"] += 1
+    res.stored = kinds
+    try:
+        with open(server.log_path, encoding="utf-8", errors="replace") as f:
+            res.log_problems = sum(1 for line in f if "Traceback" in line or "Unhandled" in line)
+    except OSError:
+        pass
+    return res
+
+
+def is_temp_file(name: str) -> bool:
+    return name.startswith(".")
+
+
+def report_concurrency(res: ConcRun, verdicts: Verdicts) -> None:
+    puts = [x for r in res.clients for x in r["put"]]
+    gets = [x for r in res.clients for x in r["get"]]
+    errors = sum(r["errors"] for r in res.clients)
+    written = sum(len(r["written"]) for r in res.clients)
+    delta_puts = sum(r["delta_puts"] for r in res.clients)
+    connects = sum(r["connects"] for r in res.clients)
+    lost = len(set(res.wrong) | {k for k, _ in res.unreadable} | set(res.unlisted))
+    how = (f"{res.procs} client processes x {CONC_CLIENTS // res.procs} threads" if res.procs > 0
+           else f"{CONC_CLIENTS} client threads in the bench process")
+    log(f"[7] Concurrency: {CONC_CLIENTS} clients ({how}), each with its own keep-alive "
+        f"connection, {CONC_SECONDS:.0f} s against dgproxy (filesystem backend)")
+    log(f"  mix: {CONC_PUT_SHARE:.0%} PUT (half delta-eligible .tar/.zip in {len(CONC_DELTA_KIB)} shared "
+        f"prefixes rel-*/ of {CONC_DELTA_KIB[0]}-{CONC_DELTA_KIB[-1]} KiB, half random .dat of 4-64 KiB), "
+        f"{1 - CONC_PUT_SHARE:.0%} GET of the client's own objects (body MD5 checked)")
+    hdr = f"{'op':<4} {'requests':>8} {'req/s':>8} {'MB/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8}"
+    log(hdr)
+    log("-" * len(hdr))
+    for op, xs, nbytes in (("PUT", puts, sum(r["put_bytes"] for r in res.clients)),
+                           ("GET", gets, sum(r["get_bytes"] for r in res.clients))):
+        log(f"{op:<4} {len(xs):>8} {len(xs) / res.wall:8.1f} {nbytes / res.wall / 1e6:7.2f} "
+            f"{percentile(xs, 50) * 1e3:8.1f} {percentile(xs, 95) * 1e3:8.1f} "
+            f"{percentile(xs, 99) * 1e3:8.1f} {max(xs, default=float('nan')) * 1e3:8.1f}")
+    allx = puts + gets
+    log(f"{'all':<4} {len(allx):>8} {len(allx) / res.wall:8.1f} {'':>7} "
+        f"{percentile(allx, 50) * 1e3:8.1f} {percentile(allx, 95) * 1e3:8.1f} "
+        f"{percentile(allx, 99) * 1e3:8.1f} {max(allx, default=float('nan')) * 1e3:8.1f}")
+    log(f"  (latency: first byte of the request to last byte of the answer, successful requests; "
+        f"wall {res.wall:.1f}s)")
+    log(f"  errors: {errors}   connections opened: {connects} for {CONC_CLIENTS} clients"
+        + ("" if connects == CONC_CLIENTS else "   (reconnects: the server closed some)"))
+    for r in res.clients:
+        for m in r["messages"]:
+            log(f"    {m}")
+    log(f"  objects written: {written} ({delta_puts} delta-eligible); read back after the run: "
+        f"{res.verified} with the right MD5, {len(res.wrong)} wrong, {len(res.unreadable)} unreadable; "
+        f"listed {res.listed}, {len(res.unlisted)} written but not listed ({res.verify_seconds:.1f}s)")
+    for key, why in res.unreadable[:5]:
+        log(f"    unreadable {key}: {why}")
+    for key in res.wrong[:5]:
+        log(f"    wrong body {key}")
+    for key in res.unlisted[:5]:
+        log(f"    not listed {key}")
+    log(f"  lost objects: {lost}")
+    st = res.stored
+    log(f"  rel-*/ prefixes stored as: {st.get('delta', 0)} deltas, {st.get('passthrough', 0)} "
+        f"passthrough, {st.get('reference', 0)} reference.bin   [delta engine exercised]")
+    log(f"  CPU over the run: dgproxy {res.server_cpu:.1f}s ({res.server_cpu / res.wall:.0%} of a core), "
+        f"its xdelta3 children {res.children_cpu:.1f}s, client {res.client_cpu:.1f}s "
+        f"({res.client_cpu / res.wall:.0%} of a core)   [informational; 2 cores in all]")
+    log(f"  dgproxy RSS {res.rss.describe()}; log: {res.log_problems} Traceback/Unhandled lines "
+        f"[informational]")
+    p99 = percentile(allx, 99) * 1e3
+    verdicts.add(f"[7] concurrency: {CONC_CLIENTS} clients x {CONC_SECONDS:.0f} s, "
+                 f"{len(allx) / res.wall:.0f} req/s, p99 PUT {percentile(puts, 99) * 1e3:.0f} ms / "
+                 f"GET {percentile(gets, 99) * 1e3:.0f} ms / all {p99:.0f} ms: {errors} errors, "
+                 f"{lost} lost objects (target 0 and 0)", errors == 0 and lost == 0 and bool(allx))
+
+
 # -- the benchmark --------------------------------------------------------------
 
 def run(workdir: str) -> int:
@@ -917,6 +1359,7 @@ def run(workdir: str) -> int:
         corpus: list[CorpusFile] = []
         why = "section 2 was not run"
         corpus_fs: Optional[CorpusRun] = None
+        pt: Optional[Passthrough] = None
 
         # -- 1. passthrough, filesystem backend vs SeaweedFS ------------------------------
         if 1 in SECTIONS:
@@ -1071,6 +1514,7 @@ def run(workdir: str) -> int:
                 f"{MP_PARALLEL} in parallel (filesystem backend)")
             t_sec = time.monotonic()
             bucket, key = "multipart", "mp/obj-2g.dat"
+            c = clients["dgproxy"]  # [1]'s slow-GET loop leaves c on the last server
             c.create_bucket(bucket)
             nparts = MP_SIZE // MP_PART
             per_src = GiB // MP_PART
@@ -1205,6 +1649,73 @@ def run(workdir: str) -> int:
                         f"{mbps(a, sum(corpus_s3.get.values())):.1f} vs "
                         f"{mbps(a, sum(corpus_fs.get.values())):.1f} MB/s   [informational]")
             reports.append(report5)
+
+        # -- 6. encryption at rest ------------------------------------------------------------------
+        if 6 in SECTIONS:
+            log("")
+            log("[6] encryption at rest: dgproxy-enc (filesystem backend, aes256-gcm-proxy)")
+            t_sec = time.monotonic()
+            dgenc = DgProxy(workdir, name="dgproxy-enc")
+            cfg = os.path.join(dgenc.workdir, "dgproxy.yaml")
+            with open(cfg, "w") as f:
+                f.write(ENC_CONFIG)
+            dgenc.extra_env.update({"DGP_CONFIG": cfg, "DGP_ENCRYPTION_KEY": os.urandom(32).hex()})
+            servers.append(dgenc)
+            dgenc.start()
+            clients[dgenc.name] = ce = dgenc.client()
+            ce.create_bucket(BUCKET)
+            enabled = [l.strip() for l in dgenc.log_tail(400).splitlines() if "encryption: ENABLED" in l]
+            key_line = (enabled[0][enabled[0].find("backend "):] if enabled
+                        else "(no 'encryption: ENABLED' line in its log)")
+            log(f"  dgproxy-enc pid {dgenc.proc.pid} on :{dgenc.port}, RSS at start "
+                f"{rss_bytes(dgenc.proc.pid) / MiB:.1f} MiB; log: {key_line}")
+            enc_pt = passthrough([dgenc], clients, {dgenc.name: BUCKET}, sources, "encobj")
+            enc_rest = at_rest(os.path.join(dgenc.data_dir, BUCKET))
+            enc_sent = sum(size * reps for _, size, reps in SIZES)
+            delete_passthrough([dgenc], clients, {dgenc.name: BUCKET}, "encobj")
+            enc_corpus: Optional[CorpusRun] = None
+            enc_corpus_rest: Optional[AtRest] = None
+            if not corpus and not ({2, 5} & SECTIONS):
+                corpus, why = prepare_corpus()
+            if corpus:
+                root6 = os.path.join(dgenc.data_dir, "corpus")
+                enc_corpus = corpus_run(
+                    dgenc, ce, "corpus", corpus, 0, workdir,
+                    lambda: {os.path.basename(k): v for k, v in _tree_files(root6).items()})
+                enc_corpus_rest = at_rest(root6)
+                log(f"  corpus: {len(corpus)} PUTs, {len(corpus)} GETs, bodies verified (MD5)")
+            ce.close()
+            dgenc.check_alive()
+            dgenc.stop()
+            servers.remove(dgenc)
+            log(f"  section done in {time.monotonic() - t_sec:.0f}s")
+
+            def report6():
+                report_encryption(enc_pt, pt, enc_corpus, corpus_fs, corpus, enc_rest,
+                                  enc_corpus_rest, enc_sent, why, key_line, verdicts)
+            reports.append(report6)
+
+        # -- 7. concurrency ---------------------------------------------------------------------------
+        if 7 in SECTIONS:
+            log("")
+            log(f"[7] concurrency: {CONC_CLIENTS} clients for {CONC_SECONDS:.0f} s, small PUT/GET "
+                f"(filesystem backend)")
+            t_sec = time.monotonic()
+            dgc = DgProxy(workdir, name="dgproxy-conc")
+            servers.append(dgc)
+            dgc.start()
+            log(f"  dgproxy-conc pid {dgc.proc.pid} on :{dgc.port}, RSS at start "
+                f"{rss_bytes(dgc.proc.pid) / MiB:.1f} MiB")
+            conc = concurrency(dgc)
+            n_req = sum(len(r["put"]) + len(r["get"]) for r in conc.clients)
+            log(f"  {n_req} requests in {conc.wall:.1f}s, "
+                f"{sum(r['errors'] for r in conc.clients)} errors; "
+                f"{conc.verified} objects read back and verified (MD5) in {conc.verify_seconds:.1f}s; "
+                f"section done in {time.monotonic() - t_sec:.0f}s")
+            dgc.check_alive()
+            dgc.stop()
+            servers.remove(dgc)
+            reports.append(lambda: report_concurrency(conc, verdicts))
 
         for s in servers:
             s.check_alive()

@@ -16,8 +16,9 @@ clients. It is deliberately cheap on the client side:
   the server's work.
 
 Besides PUT/GET it speaks just enough S3 for the other bench sections:
-ListObjectsV2 (to add up what a server stored), and the multipart calls
-(parts are sent with C{sendfile} from an offset of a source file).
+ListObjectsV2 (to add up what a server stored), the multipart calls
+(parts are sent with C{sendfile} from an offset of a source file), and a PUT
+of a small in-memory body (the concurrency section).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class S3Client:
         self._conn: Optional[http.client.HTTPConnection] = None
         self._last_used = time.monotonic()
         self._buf = bytearray(READ_CHUNK)
+        self.connects = 0  # TCP connections opened (1 while keep-alive holds)
 
     # -- connection and signing ---------------------------------------------
     def _connection(self) -> http.client.HTTPConnection:
@@ -84,6 +86,7 @@ class S3Client:
             self.close()
             self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
             self._conn.connect()
+            self.connects += 1
         self._last_used = time.monotonic()
         return self._conn
 
@@ -249,6 +252,31 @@ class S3Client:
         if resp.status != 200:
             raise S3RequestError("PUT", path, resp.status, body)
         return Result(t1 - t0, size, etag=(resp.getheader("ETag") or "").strip('"'))
+
+    def put_bytes(self, bucket: str, key: str, data: bytes) -> Result:
+        """PUT a small in-memory body; the headers and the body go out in one
+        send. Timed from the first byte of the request to the last of the answer."""
+        path = self.path(bucket, key)
+        headers = self._signed_headers("PUT", path, {
+            "Content-Length": str(len(data)), "Content-Type": "application/octet-stream"})
+        self._connection()
+        t0 = time.perf_counter()
+        try:
+            conn = self._connection()
+            conn.putrequest("PUT", path, skip_accept_encoding=True)
+            for k, v in headers.items():
+                conn.putheader(k, v)
+            conn.endheaders(data)
+            resp = conn.getresponse()
+            body = resp.read()
+        except (ConnectionError, http.client.HTTPException, OSError):
+            self.close()
+            raise
+        t1 = time.perf_counter()
+        self._finish(resp)
+        if resp.status != 200:
+            raise S3RequestError("PUT", path, resp.status, body)
+        return Result(t1 - t0, len(data), etag=(resp.getheader("ETag") or "").strip('"'))
 
     def get(self, bucket: str, key: str, md5: bool = False,
             sink: Optional[Callable[[memoryview], None]] = None) -> Result:
