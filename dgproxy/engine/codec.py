@@ -28,6 +28,23 @@ INSTALL_HINT = ("xdelta3 was not found or does not work. Install it before start
 
 
 ENCODE_WINDOW = 2 * 1024 * 1024
+MIN_SOURCE_BUFFER = 512 * 1024
+MAX_SOURCE_BUFFER = 64 * 1024 * 1024  # xdelta3's default
+
+
+def source_buffer(path: str) -> int:
+    """xdelta3's source buffer (-B) for this reference: the smallest power of
+    two that holds it, within xdelta3's minimum and its default. A small
+    reference then costs a small allocation (a 32 KiB pair encodes about ten
+    times faster than with the default 64 MiB), a large one what it always did."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return MAX_SOURCE_BUFFER
+    buffer = MIN_SOURCE_BUFFER
+    while buffer < size and buffer < MAX_SOURCE_BUFFER:
+        buffer *= 2
+    return buffer
 
 
 class CodecBusy(Exception):
@@ -248,6 +265,7 @@ class Codec:
             # keep pace with a body that is still arriving, at a delta size
             # within a few tenths of a percent of the default's.
             args += ["-W", str(ENCODE_WINDOW)]
+        args += ["-B", str(source_buffer(source_path))]
         args += ["-s", source_path, "-c"]
         try:
             self._reactor.spawnProcess(run, self.binary, args, env={"PATH": "/usr/bin:/bin"},
