@@ -430,7 +430,9 @@ class S3Backend:
     # -- objects -------------------------------------------------------------
     def _stored(self, key: str, response) -> StoredObject:
         h = _headers(response)
-        size = int(h.get("content-length", "0"))
+        # Twisted moves a body's Content-Length into response.length; a HEAD keeps the header.
+        size = response.length if isinstance(response.length, int) else \
+            int(h.get("content-length", "0"))
         modified = _http_date(h.get("last-modified"))
         etag = h.get("etag", "").strip('"')
         meta = from_s3_headers(h, size, modified)
@@ -447,7 +449,7 @@ class S3Backend:
             return None
         if response.code != 200:
             await self._fail(response, bucket)
-        if not response.headers.hasHeader(b"content-length"):
+        if not isinstance(response.length, int):
             # A chunked answer tells no size: fall back to HEAD + GET.
             _ResponseSource(response).close()
             stored = await self.stat(bucket, key)
