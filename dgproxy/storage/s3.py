@@ -428,11 +428,11 @@ class S3Backend:
         await response.content()
 
     # -- objects -------------------------------------------------------------
-    def _stored(self, key: str, response) -> StoredObject:
+    def _stored(self, key: str, response, head: bool = False) -> StoredObject:
         h = _headers(response)
-        # Twisted moves a body's Content-Length into response.length; a HEAD keeps the header.
-        size = response.length if isinstance(response.length, int) else \
-            int(h.get("content-length", "0"))
+        # A HEAD answer keeps its Content-Length header; for a GET, Twisted moves
+        # it into response.length.
+        size = int(h.get("content-length", "0")) if head else response.length
         modified = _http_date(h.get("last-modified"))
         etag = h.get("etag", "").strip('"')
         meta = from_s3_headers(h, size, modified)
@@ -464,7 +464,7 @@ class S3Backend:
             return None
         if response.code != 200:
             raise UpstreamError(response.code, f"HTTP{response.code}", f"HEAD {key} failed")
-        return self._stored(key, response)
+        return self._stored(key, response, head=True)
 
     async def open_read(self, bucket: str, key: str, offset: int = 0,
                         length: Optional[int] = None, stored=None):
