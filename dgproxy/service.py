@@ -239,6 +239,7 @@ def build_backends(config: Config, spool: Spool):
 
 
 SOCKET_READ_SIZE = 256 * 1024
+SOCKET_WRITE_SIZE = 1024 * 1024
 
 
 def build(config: Config) -> DrainingService:
@@ -246,6 +247,7 @@ def build(config: Config) -> DrainingService:
     # Twisted reads sockets 64 KiB at a time; bodies here are large, and every
     # read costs a trip through the stream machinery, so read more at once.
     tcp.Connection.bufferSize = SOCKET_READ_SIZE
+    tcp.Connection.SEND_LIMIT = SOCKET_WRITE_SIZE  # and send up to 1 MiB per call (128 KiB)
     if not config.open_access and not config.access_key_id:
         raise Fatal(NO_AUTH_MESSAGE)
     try:
