@@ -22,22 +22,20 @@ on disk, ranges reading only the chunks they need, stripped xattrs).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import struct
-from datetime import datetime, timezone
 from types import SimpleNamespace
 from typing import Optional
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import HealthCheck, example, given, settings, strategies as st
-from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
+from tests.unit.helpers import inline, meta_for
 from dgproxy.storage.encrypting import (
     ChunkDecryptor, ChunkEncryptor, EncryptingBackend, EncryptionError, KeyRing, blob_size,
     decrypt_single, derive_key_id)
@@ -53,7 +51,6 @@ KEY_B = bytes.fromhex("ff" * 16 + "ee" * 16)
 IV = bytes.fromhex("a1a2a3a4a5a6a7a8ffffffff")
 CHUNK = 65536
 SIZES = (0, 1, 65535, 65536, 65537, 3 * 65536 + 5)
-WHEN = datetime(2026, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
 
 NO_KEY = "object is encrypted but no key is configured"
 STRIPPED = "xattrs may have been stripped"
@@ -611,18 +608,8 @@ class KeyRingTests(unittest.TestCase):
 
 
 # -- the backend wrapper over a real filesystem -----------------------------------------------
-def inline(fn):
-    @functools.wraps(fn)
-    def wrapper(self, *args, **kwargs):
-        return defer.ensureDeferred(fn(self, *args, **kwargs))
-    return wrapper
 
 
-def meta_for(key: str, data: bytes, **changes) -> ObjectMetadata:
-    return ObjectMetadata(
-        tool="dgproxy/test", original_name=key.rpartition("/")[2],
-        file_sha256=hashlib.sha256(data).hexdigest(), file_size=len(data),
-        md5=hashlib.md5(data).hexdigest(), created_at=WHEN).with_changes(**changes)
 
 
 class CountingSource:

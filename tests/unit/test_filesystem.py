@@ -8,35 +8,22 @@ and swept at start-up; no key can reach outside its bucket.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-from datetime import datetime, timezone
 
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from tests.unit.helpers import inline, meta_for
 from dgproxy.storage.filesystem import FilesystemBackend
 from dgproxy.storage.interface import (
     AlreadyExists, BucketMissing, BucketNotEmptyError, KeyConflict, StoredObject)
 from dgproxy.storage.metadata import DELTA, XATTR_NAME, ObjectMetadata
 
-WHEN = datetime(2026, 7, 10, 12, 34, 56, 123456, tzinfo=timezone.utc)
 
 
-def inline(fn):
-    @functools.wraps(fn)
-    def wrapper(self, *args, **kwargs):
-        return defer.ensureDeferred(fn(self, *args, **kwargs))
-    return wrapper
 
 
-def meta_for(key: str, data: bytes, **changes) -> ObjectMetadata:
-    import hashlib
-    return ObjectMetadata(
-        tool="dgproxy/test", original_name=key.rpartition("/")[2],
-        file_sha256=hashlib.sha256(data).hexdigest(), file_size=len(data),
-        md5=hashlib.md5(data).hexdigest(), created_at=WHEN).with_changes(**changes)
 
 
 class FilesystemTestCase(unittest.TestCase):
