@@ -140,7 +140,7 @@ class ProxyProcess:
             "s3", endpoint_url=self.endpoint, aws_access_key_id=access_key,
             aws_secret_access_key=secret_key, region_name="us-east-1",
             config=BotoConfig(s3={"addressing_style": addressing},
-                              retries={"max_attempts": 1}, **config))
+                              retries={"total_max_attempts": 1}, **config))
 
     def aws(self, *args: str, check: bool = True, input: Optional[bytes] = None):
         """Run the aws CLI against this proxy; returns the CompletedProcess."""

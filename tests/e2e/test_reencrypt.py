@@ -111,7 +111,9 @@ class ReencryptTests(unittest.TestCase):
             except ClientError as e:
                 refused = e
             time.sleep(0.02)
-        self.assertIsNotNone(refused, "no write was refused while the job ran")
+        self.assertIsNotNone(refused, "no write was refused while the job ran:\n" +
+                             "\n".join(l for l in proxy.log().splitlines()
+                                       if "eencrypt" in l or "big 503" in l)[-3000:])
         self.assertEqual(refused.response["Error"]["Code"], "SlowDown")
         self.assertEqual(refused.response["ResponseMetadata"]["HTTPStatusCode"], 503)
         # Reads pass meanwhile.
