@@ -686,6 +686,30 @@ def start_slow_put(proxy: ProxyProcess, bucket: str, key: str, body: bytes,
 
 
 # -- concurrency -------------------------------------------------------------------------------
+def put_all_at_once(bucket: str, clients: list, objects: dict[str, bytes],
+                    check_etag: bool = False) -> list:
+    """PUT every object from its own thread, all released together; the errors."""
+    barrier = threading.Barrier(len(objects))
+    errors: list = []
+
+    def upload(client, key, body):
+        try:
+            barrier.wait(10)
+            r = client.put_object(Bucket=bucket, Key=key, Body=body)
+            if check_etag and r["ETag"] != md5_etag(body):
+                errors.append((key, "etag", r["ETag"]))
+        except Exception as e:  # reported by the caller
+            errors.append((key, repr(e)))
+
+    threads = [threading.Thread(target=upload, args=(c, k, b))
+               for c, (k, b) in zip(clients, objects.items())]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return errors
+
+
 class ParallelFirstPutTests(DeltaCase):
 
     def test_sixteen_parallel_first_puts(self):
@@ -693,25 +717,7 @@ class ParallelFirstPutTests(DeltaCase):
         versions = similar_versions(16, 512 * 1024, 16)
         objects = {f"par/build-{i:02d}.zip": body for i, body in enumerate(versions)}
         clients = [self.proxy.client(max_pool_connections=2) for _ in objects]
-        barrier = threading.Barrier(len(objects))
-        errors: list = []
-
-        def upload(client, key, body):
-            try:
-                barrier.wait(10)
-                r = client.put_object(Bucket=bucket, Key=key, Body=body)
-                if r["ETag"] != md5_etag(body):
-                    errors.append((key, "etag", r["ETag"]))
-            except Exception as e:  # reported below
-                errors.append((key, repr(e)))
-
-        threads = [threading.Thread(target=upload, args=(c, k, b))
-                   for c, (k, b) in zip(clients, objects.items())]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        self.assertEqual(errors, [])
+        self.assertEqual(put_all_at_once(bucket, clients, objects, check_etag=True), [])
 
         on_disk = self.files(bucket, "par")
         self.assertEqual([n for n in on_disk if n == "reference.bin"], ["reference.bin"])
@@ -739,23 +745,7 @@ class ParallelFirstPutTests(DeltaCase):
         versions = similar_versions(12, 400 * 1024, 12)
         objects = {f"two/build-{i:02d}.war": body for i, body in enumerate(versions)}
         clients = [(self.proxy if i % 2 else other).client() for i in range(len(objects))]
-        barrier = threading.Barrier(len(objects))
-        errors: list = []
-
-        def upload(client, key, body):
-            try:
-                barrier.wait(10)
-                client.put_object(Bucket=bucket, Key=key, Body=body)
-            except Exception as e:  # reported below
-                errors.append((key, repr(e)))
-
-        threads = [threading.Thread(target=upload, args=(c, k, b))
-                   for c, (k, b) in zip(clients, objects.items())]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        self.assertEqual(errors, [])
+        self.assertEqual(put_all_at_once(bucket, clients, objects), [])
         on_disk = self.files(bucket, "two")
         self.assertEqual(set(on_disk),
                          {"reference.bin"} | {k.rpartition("/")[2] + ".delta" for k in objects})

@@ -208,6 +208,8 @@ class EncryptionCase(unittest.TestCase):
 
     def check_ranges(self, bucket: str) -> None:
         s3 = s3_of(self.proxy)
+        for key in ("three.dat", "dir/several-mb.dat"):
+            s3.put_object(Bucket=bucket, Key=key, Body=self.ROUND_TRIP[key])
         body = self.ROUND_TRIP["three.dat"]
         size = len(body)
         points = sorted({0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK - 1, 2 * CHUNK,
@@ -327,11 +329,7 @@ class FilesystemEncryptionTests(EncryptionCase):
         self.assertEncryptedAtRest(bucket)
 
     def test_ranges(self):
-        bucket = self.new_bucket()
-        s3 = s3_of(self.proxy)
-        for key in ("three.dat", "dir/several-mb.dat"):
-            s3.put_object(Bucket=bucket, Key=key, Body=self.ROUND_TRIP[key])
-        self.check_ranges(bucket)
+        self.check_ranges(self.new_bucket())
 
     def test_delta_objects(self):
         bucket = self.new_bucket()
@@ -656,11 +654,7 @@ class SeaweedEncryptionTests(EncryptionCase):
             self.assertEqual(len(stored[key][0]), wire_size(len(body)), key)
 
     def test_ranges(self):
-        bucket = self.new_bucket()
-        s3 = s3_of(self.proxy)
-        for key in ("three.dat", "dir/several-mb.dat"):
-            s3.put_object(Bucket=bucket, Key=key, Body=self.ROUND_TRIP[key])
-        self.check_ranges(bucket)
+        self.check_ranges(self.new_bucket())
 
     def test_delta_objects(self):
         bucket = self.new_bucket()
