@@ -238,7 +238,7 @@ def build_backends(config: Config, spool: Spool):
     return RoutingBackend(backends, default, routes), lines
 
 
-SOCKET_READ_SIZE = 256 * 1024
+SOCKET_READ_SIZE = 1024 * 1024
 SOCKET_WRITE_SIZE = 1024 * 1024
 
 

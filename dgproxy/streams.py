@@ -290,6 +290,11 @@ class PauseGate:
         self.resumeProducing()
 
 
+# A response body is pumped in pieces as large as one socket read, so that a
+# chunk from upstream goes out whole, without being cut and copied.
+PUMP_CHUNK = 1024 * 1024
+
+
 class _RequestPump(PauseGate):
     """Writes a source into a Twisted request, pausing while it is full."""
 
@@ -306,7 +311,7 @@ class _RequestPump(PauseGate):
                 if self.paused is not None:
                     await self.paused
                     continue
-                chunk = await self._source.read(CHUNK)
+                chunk = await self._source.read(PUMP_CHUNK)
                 if not chunk:
                     break
                 sent += len(chunk)

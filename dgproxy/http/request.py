@@ -16,6 +16,7 @@ from io import BytesIO
 from typing import Optional
 
 from twisted.internet import reactor
+from twisted.internet.interfaces import ITCPTransport
 from twisted.logger import Logger
 from twisted.web import http, server
 from twisted.web.http_headers import Headers
@@ -209,6 +210,13 @@ class StreamingChannel(http.HTTPChannel):
     """An L{HTTPChannel} that dispatches when the headers are complete."""
 
     on_close = None
+
+    def connectionMade(self):
+        super().connectionMade()
+        # Small writes (headers, a short body, a body's last bytes) go out at
+        # once: with Nagle on they wait for the client's delayed ACK.
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)
 
     def connectionLost(self, reason):
         super().connectionLost(reason)

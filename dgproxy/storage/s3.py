@@ -24,7 +24,10 @@ from defusedxml import ElementTree as SafeET
 from twisted.internet import defer, error as net_error, task
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.client import FileBodyProducer, HTTPConnectionPool, ResponseDone
+from twisted.web.client import (
+    Agent, FileBodyProducer, HTTPConnectionPool, RequestTransmissionFailed, ResponseDone,
+    ResponseNeverReceived)
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from twisted.web.client import _HTTP11ClientFactory
 from twisted.web.http import PotentialDataLoss
@@ -109,7 +112,7 @@ class S3Client:
 
     def __init__(self, reactor, name: str, endpoint: str, region: str, access_key: Optional[str],
                  secret_key: Optional[str], path_style: bool = True,
-                 connect_timeout: float = 10.0, retries: int = 3):
+                 connect_timeout: float = 10.0, read_timeout: float = 10.0, retries: int = 3):
         self.reactor = reactor
         self.name = name
         self.endpoint = endpoint.rstrip("/")
@@ -121,7 +124,12 @@ class S3Client:
         self.pool.maxPersistentPerHost = 32
         self.pool.retryAutomatically = False
         self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
         self.retries = retries
+        # The Agent itself, not treq.request: treq wraps every request in
+        # cookie, redirect and gzip-decoding agents; the last would unzip an
+        # object stored with Content-Encoding: gzip and corrupt the bytes.
+        self.agent = Agent(reactor, pool=self.pool, connectTimeout=connect_timeout)
 
     def url(self, bucket: Optional[str], key: Optional[str] = None,
             query: Optional[dict] = None) -> str:
@@ -149,10 +157,27 @@ class S3Client:
             S3SigV4Auth(self.credentials, "s3", self.region).add_auth(req)
         return {k: [v] for k, v in req.headers.items()}
 
+    def _send(self, method: str, url: str, headers: dict, body=None,
+              timeout: Optional[float] = None) -> defer.Deferred:
+        """One signed request on the pooled Agent; fires with the response
+        once its headers arrived (cancelled after C{timeout} seconds)."""
+        d = self.agent.request(method.encode("ascii"), url.encode("ascii"),
+                               Headers(self._signed_headers(method, url, headers)), body)
+        if timeout is not None:
+            timer = self.reactor.callLater(timeout, d.cancel)
+
+            def settled(result):
+                if timer.active():
+                    timer.cancel()
+                return result
+
+            d.addBoth(settled)
+        return d
+
     async def request(self, method: str, bucket: Optional[str], key: Optional[str] = None,
                       query: Optional[dict] = None, headers: Optional[dict] = None,
                       body_path: Optional[str] = None, idempotent: bool = True):
-        """Send one request; returns the (unbuffered) treq response.
+        """Send one request; returns the (unbuffered) response.
 
         Connection failures and 5xx answers are retried with backoff for
         idempotent calls; a backend that stays unreachable raises
@@ -168,33 +193,24 @@ class S3Client:
                 hdrs["Content-Length"] = str(os.fstat(f.fileno()).st_size)
                 data = FileBodyProducer(f, readSize=256 * 1024)
             try:
-                response = await treq.request(
-                    method, url, data=data, headers=self._signed_headers(method, url, hdrs),
-                    pool=self.pool, unbuffered=True, allow_redirects=False,
-                    timeout=self.connect_timeout if body_path is None else None,
-                    reactor=self.reactor)
+                response = await self._send(
+                    method, url, hdrs, data,
+                    timeout=self.read_timeout if body_path is None else None)
             except (net_error.ConnectError, net_error.ConnectionLost, net_error.TimeoutError,
-                    defer.CancelledError, net_error.DNSLookupError) as e:
+                    defer.CancelledError, net_error.DNSLookupError,
+                    ResponseNeverReceived, RequestTransmissionFailed) as e:
                 if attempt == attempts:
                     log.error("S3 backend '{backend}' at {endpoint} unreachable: {error}",
-                              backend=self.name, endpoint=self.endpoint, error=str(e))
-                    raise BackendUnavailable(self.name, str(e) or type(e).__name__) from None
+                              backend=self.name, endpoint=self.endpoint, error=_reason(e))
+                    raise BackendUnavailable(self.name, _reason(e)) from None
                 await task.deferLater(self.reactor, delay, lambda: None)
                 delay *= 2
                 continue
-            except Exception as e:
-                if "ResponseNeverReceived" in type(e).__name__ or "RequestTransmissionFailed" in type(e).__name__:
-                    if attempt == attempts:
-                        raise BackendUnavailable(self.name, repr(e)) from None
-                    await task.deferLater(self.reactor, delay, lambda: None)
-                    delay *= 2
-                    continue
-                raise
             finally:
                 if body_path is not None:
                     f.close()
             if response.code >= 500 and attempt < attempts:
-                await response.content()
+                await treq.content(response)
                 await task.deferLater(self.reactor, delay, lambda: None)
                 delay *= 2
                 continue
@@ -204,22 +220,19 @@ class S3Client:
     def stream_put(self, bucket: str, key: str, headers: dict, body) -> defer.Deferred:
         """Start a PUT whose body the caller writes as it goes (not retried:
         the body cannot be replayed). Fires with the response."""
-        url = self.url(bucket, key)
-        d = treq.request("PUT", url, data=body, headers=self._signed_headers("PUT", url, headers),
-                         pool=self.pool, unbuffered=True, allow_redirects=False,
-                         reactor=self.reactor)
+        d = self._send("PUT", self.url(bucket, key), headers, body)
 
         def unavailable(failure):
             if failure.check(defer.CancelledError) or "CancelledError" in repr(failure.value):
                 return failure  # we aborted it (the client went away)
             log.error("S3 backend '{backend}' failed a streaming PUT: {error}",
-                      backend=self.name, error=str(failure.value))
-            raise BackendUnavailable(self.name, str(failure.value) or failure.type.__name__)
+                      backend=self.name, error=_reason(failure.value))
+            raise BackendUnavailable(self.name, _reason(failure.value))
 
         return d.addErrback(unavailable)
 
     async def error_of(self, response) -> UpstreamError:
-        body = await response.content() if response.code != 304 else b""
+        body = await treq.content(response) if response.code != 304 else b""
         code, message = f"HTTP{response.code}", ""
         try:
             root = SafeET.fromstring(body)
@@ -228,6 +241,14 @@ class S3Client:
         except Exception:
             pass
         return UpstreamError(response.code, code, message)
+
+
+def _reason(error: BaseException) -> str:
+    """What went wrong, for a log line (Twisted's wrapped failures say little)."""
+    inner = getattr(error, "reasons", None)
+    if inner:
+        error = inner[0].value
+    return str(error) or type(error).__name__
 
 
 def _headers(response) -> dict[str, str]:
@@ -305,7 +326,7 @@ class _StreamingWriter:
         response = await self._response
         if response.code not in (200, 201):
             raise await self._backend.client.error_of(response)
-        await response.content()
+        await treq.content(response)
         etag = response.headers.getRawHeaders(b"etag", [b""])[0].decode("latin-1").strip('"')
         if metadata.md5 and len(etag) == 32 and etag != metadata.md5:
             await self._backend.discard(self.bucket, self._key)
@@ -372,7 +393,7 @@ class S3Backend:
         response = await self.client.request("GET", None)
         if response.code != 200:
             raise await self.client.error_of(response)
-        await response.content()
+        await treq.content(response)
 
     async def _fail(self, response, bucket: Optional[str] = None):
         err = await self.client.error_of(response)
@@ -385,7 +406,7 @@ class S3Backend:
         response = await self.client.request("GET", None)
         if response.code != 200:
             await self._fail(response)
-        root = SafeET.fromstring(await response.content())
+        root = SafeET.fromstring(await treq.content(response))
         out = []
         for b in root.iter(S3_NS + "Bucket"):
             out.append(BucketInfo(b.findtext(S3_NS + "Name"),
@@ -394,7 +415,7 @@ class S3Backend:
 
     async def bucket_exists(self, bucket: str) -> bool:
         response = await self.client.request("HEAD", bucket)
-        await response.content()
+        await treq.content(response)
         if response.code == 200:
             return True
         if response.code == 404:
@@ -404,7 +425,7 @@ class S3Backend:
     async def create_bucket(self, bucket: str) -> bool:
         response = await self.client.request("PUT", bucket, idempotent=False)
         if response.code == 200:
-            await response.content()
+            await treq.content(response)
             return True
         err = await self.client.error_of(response)
         if err.code in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
@@ -425,7 +446,7 @@ class S3Backend:
             if err.code == "BucketNotEmpty":
                 raise BucketNotEmptyError(bucket)
             raise err
-        await response.content()
+        await treq.content(response)
 
     # -- objects -------------------------------------------------------------
     def _stored(self, key: str, response, head: bool = False) -> StoredObject:
@@ -445,7 +466,7 @@ class S3Backend:
         with the body, saving the HEAD a read would otherwise start with."""
         response = await self.client.request("GET", bucket, key)
         if response.code == 404:
-            await response.content()
+            await treq.content(response)
             return None
         if response.code != 200:
             await self._fail(response, bucket)
@@ -459,7 +480,7 @@ class S3Backend:
 
     async def stat(self, bucket: str, key: str) -> Optional[StoredObject]:
         response = await self.client.request("HEAD", bucket, key)
-        await response.content()
+        await treq.content(response)
         if response.code == 404:
             return None
         if response.code != 200:
@@ -477,7 +498,7 @@ class S3Backend:
             headers["Range"] = f"bytes={offset}-{end}"
         response = await self.client.request("GET", bucket, key, headers=headers)
         if response.code == 404:
-            await response.content()
+            await treq.content(response)
             return None
         if response.code not in (200, 206):
             await self._fail(response, bucket)
@@ -515,7 +536,7 @@ class S3Backend:
         response = await self.client.request("PUT", bucket, key, headers=headers,
                                              body_path=path, idempotent=True)
         if response.code in (200, 201):
-            await response.content()
+            await treq.content(response)
             return
         err = await self.client.error_of(response)
         if err.status == 412:
@@ -527,7 +548,7 @@ class S3Backend:
     async def discard(self, bucket: str, key: str) -> None:
         """One DELETE; S3 answers 204 whether or not the key existed."""
         response = await self.client.request("DELETE", bucket, key)
-        await response.content()
+        await treq.content(response)
         if response.code not in (200, 204, 404):
             raise UpstreamError(response.code, f"HTTP{response.code}", f"DELETE {key} failed")
 
@@ -536,7 +557,7 @@ class S3Backend:
         if not existed:
             return False
         response = await self.client.request("DELETE", bucket, key)
-        await response.content()
+        await treq.content(response)
         if response.code not in (200, 204, 404):
             raise UpstreamError(response.code, f"HTTP{response.code}", f"DELETE {key} failed")
         return True
@@ -560,7 +581,7 @@ class S3Backend:
             response = await self.client.request("GET", bucket, query=query)
             if response.code != 200:
                 await self._fail(response, bucket)
-            root = SafeET.fromstring(await response.content())
+            root = SafeET.fromstring(await treq.content(response))
             for c in root.iter(S3_NS + "Contents"):
                 key = c.findtext(S3_NS + "Key") or ""
                 etag = (c.findtext(S3_NS + "ETag") or "").strip('"')

@@ -16,6 +16,7 @@ exit). Other e2e modules import L{ClassFixture} and L{WeedServer} from here.
 from __future__ import annotations
 
 import atexit
+import gzip
 import hashlib
 import os
 import random
@@ -349,6 +350,16 @@ class S3BackendTests(S3BackendCase):
         self.assertEqual(m.get("user-build-id"), "42")
         self.assertNotIn("dg-ref-key", m)
         self.assertEqual(self.meta("rt/empty.txt").get("dg-md5"), EMPTY_MD5)
+
+    def test_gzip_encoded_object_is_served_as_stored(self):
+        """An object put straight into the backend with Content-Encoding: gzip
+        comes back byte for byte: dgproxy does not unzip what it relays."""
+        body = gzip.compress(b"a log line\n" * 5000)
+        self.w.put_object(Bucket=self.bucket, Key="gz/app.log.gz", Body=body,
+                          ContentEncoding="gzip")
+        got = self.s3.get_object(Bucket=self.bucket, Key="gz/app.log.gz")
+        self.assertEqual(got["Body"].read(), body)
+        self.assertEqual(got["ContentLength"], len(body))
 
     def test_empty_eligible_file_is_passthrough(self):
         """An empty .tar cannot be a reference: it is stored whole, no reference.bin."""
