@@ -195,11 +195,12 @@ class FileSource:
 
 @implementer(IByteSource)
 class HashingSource:
-    """Passes a source through while computing MD5 and SHA-256 of what passed."""
+    """Passes a source through while computing MD5 and SHA-256 of what passed
+    (either may be turned off; it is then None)."""
 
-    def __init__(self, source, want_sha256: bool = True):
+    def __init__(self, source, want_sha256: bool = True, want_md5: bool = True):
         self._source = source
-        self.md5 = hashlib.md5()
+        self.md5 = hashlib.md5() if want_md5 else None
         self.sha256 = hashlib.sha256() if want_sha256 else None
         self.size = 0
 
@@ -209,7 +210,8 @@ class HashingSource:
     def _seen(self, data: bytes) -> bytes:
         if data:
             self.size += len(data)
-            self.md5.update(data)
+            if self.md5 is not None:
+                self.md5.update(data)
             if self.sha256 is not None:
                 self.sha256.update(data)
         return data

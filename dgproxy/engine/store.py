@@ -323,7 +323,6 @@ class ObjectStore:
     async def _put_passthrough(self, bucket, okey: ObjectKey, body, expected_md5, fields,
                                size_hint: Optional[int] = None,
                                expected_sha256: Optional[str] = None, limit: int = 0):
-        source = HashingSource(body)
         # The metadata as far as it is known before the body (hashes the client
         # declared, and checked by the end): a backend that must send metadata
         # first (S3) can then stream instead of spooling.
@@ -333,19 +332,30 @@ class ObjectStore:
                               PASSTHROUGH, fields)
         writer = await self.backend.open_write(bucket, okey.passthrough_key, size=size_hint,
                                                hint=hint)
+        # A writer that sent the metadata ahead needs no digests: the backend
+        # hashes what it stores (its ETag), so hash only to check the client.
+        hashes = writer.hashes_needed
+        source = HashingSource(body, want_md5=hashes or expected_md5 is not None,
+                               want_sha256=hashes)
         try:
             await drain(source, writer.write, limit or self.max_object_size)
-            md5 = source.md5.hexdigest()
+            md5 = source.md5.hexdigest() if source.md5 is not None else ""
             if expected_md5 is not None and md5 != expected_md5:
                 raise ChecksumMismatch(md5)
-            meta = self._metadata(okey, source.size, md5, source.sha256.hexdigest(),
-                                  PASSTHROUGH, fields)
-            await writer.commit(meta)
+            sha256 = (source.sha256.hexdigest() if source.sha256 is not None
+                      else expected_sha256 or "")
+            meta = self._metadata(okey, source.size, md5, sha256, PASSTHROUGH, fields)
+            stored_md5 = await writer.commit(meta)
         except BaseException:
             writer.abort()
             raise
-        # A passthrough write supersedes any delta of the same key.
-        await self.backend.discard(bucket, okey.delta_key)
+        if not md5:
+            meta = meta.with_changes(md5=stored_md5 or "")
+        # A passthrough write supersedes any delta of the same key (only another
+        # tool can have made one of a name dgproxy never stores as a delta, and
+        # then reads and listings prefer this newer object anyway).
+        if self.policy.delta_named(okey.filename):
+            await self.backend.discard(bucket, okey.delta_key)
         self.stats.decision(PASSTHROUGH)
         return meta
 

@@ -299,6 +299,8 @@ def strip_markers(meta: ObjectMetadata) -> ObjectMetadata:
 
 @implementer(IObjectWriter)
 class _EncryptingWriter:
+    hashes_needed = True  # the plaintext's digests go into the metadata
+
     def __init__(self, inner, keys: KeyRing):
         self._inner = inner
         self._keys = keys
@@ -325,6 +327,7 @@ class _PlainWriter:
 
     def __init__(self, inner):
         self._inner = inner
+        self.hashes_needed = inner.hashes_needed
 
     def write(self, data: bytes):
         return self._inner.write(data)

@@ -101,6 +101,8 @@ def check_xattr_support(root: str) -> None:
 class _FileWriter:
     """Streams into a temp file beside the target; see L{FilesystemBackend}."""
 
+    hashes_needed = True
+
     def __init__(self, target: str, temp: str, fileobj):
         self._target = target
         self._temp = temp

@@ -79,12 +79,18 @@ class BucketInfo:
 class IObjectWriter(Interface):
     """A blob being written; invisible until L{commit}."""
 
+    hashes_needed = Attribute(
+        "Whether L{commit} needs the body's MD5 and SHA-256 in its metadata. A writer "
+        "that sent the metadata ahead of the body (a streamed S3 PUT) does not.")
+
     def write(data: bytes):
         """Append data; the returned Deferred fires when more may be written."""
 
     def commit(metadata: ObjectMetadata, exclusive: bool = False):
         """Make the blob and its metadata visible atomically and durably;
-        with C{exclusive}, fail with L{AlreadyExists} instead of replacing."""
+        with C{exclusive}, fail with L{AlreadyExists} instead of replacing.
+        Fires with the backend's own digest of the blob (an S3 ETag) when the
+        backend made one, else None."""
 
     def abort():
         """Throw the partial blob away. Safe after commit (does nothing)."""

@@ -290,16 +290,23 @@ class _PushBody(PauseGate):
 class _StreamingWriter:
     """Streams a blob straight into an upstream PUT whose headers were sent
     first (its size and metadata known up front, bar the hashes: readers take
-    the MD5 from the upstream ETag). Aborting cuts the connection, so the
-    service never stores a partial object."""
+    the MD5 from the upstream ETag). The latest chunk is held back until
+    L{commit}: the body's checks (Content-MD5, signed SHA-256, checksums) end
+    with its last byte, and until the service has every byte it stores
+    nothing. Aborting cuts the connection, so no partial object is stored."""
 
-    def __init__(self, backend: "S3Backend", key: str, body: _PushBody, response: defer.Deferred):
+    hashes_needed = False
+
+    def __init__(self, backend: "S3Backend", bucket: str, key: str, body: _PushBody,
+                 response: defer.Deferred):
         self._backend = backend
+        self._bucket = bucket
         self._key = key
         self._body = body
         self._response = response
         self._done = False
         self._sent = 0
+        self._held = b""
         self._answered = False
 
         def answered(result):
@@ -312,12 +319,16 @@ class _StreamingWriter:
         if self._answered:
             return defer.fail(BackendUnavailable(self._backend.name,
                                                  "upstream answered before the body ended"))
-        self._sent += len(data)
-        return defer.ensureDeferred(self._body.write(data))
+        held, self._held = self._held, data
+        self._sent += len(held)
+        return defer.ensureDeferred(self._body.write(held)) if held else defer.succeed(None)
 
-    async def commit(self, metadata: ObjectMetadata, exclusive: bool = False) -> None:
+    async def commit(self, metadata: ObjectMetadata, exclusive: bool = False) -> str:
+        """Fires with the upstream ETag (the service's MD5 of what it stored)."""
         if exclusive:
             raise ValueError("a streaming upload cannot be exclusive")
+        if self._held:
+            await self.write(b"")
         self._done = True
         if self._sent != self._body.length:
             self._response.cancel()
@@ -329,12 +340,14 @@ class _StreamingWriter:
         await treq.content(response)
         etag = response.headers.getRawHeaders(b"etag", [b""])[0].decode("latin-1").strip('"')
         if metadata.md5 and len(etag) == 32 and etag != metadata.md5:
-            await self._backend.discard(self.bucket, self._key)
+            await self._backend.discard(self._bucket, self._key)
             raise UpstreamError(500, "BadDigest", f"upstream stored {etag}, sent {metadata.md5}")
+        return etag
 
     def abort(self) -> None:
         if not self._done:
             self._done = True
+            self._held = b""
             self._body.stopProducing()
             self._response.cancel()
             self._response.addErrback(lambda _: None)
@@ -343,6 +356,8 @@ class _StreamingWriter:
 @implementer(IObjectWriter)
 class _SpoolingWriter:
     """Spools a blob locally; L{commit} PUTs it with its metadata."""
+
+    hashes_needed = True
 
     def __init__(self, backend: "S3Backend", bucket: str, key: str, spool_file):
         self._backend = backend
@@ -514,9 +529,7 @@ class S3Backend:
         headers = {"Content-Type": "application/octet-stream", **to_s3_headers(hint, key)}
         body = _PushBody(size)
         response = self.client.stream_put(bucket, key, headers, body)
-        writer = _StreamingWriter(self, key, body, response)
-        writer.bucket = bucket
-        return writer
+        return _StreamingWriter(self, bucket, key, body, response)
 
 
     async def put_file(self, bucket: str, key: str, path: str, meta: ObjectMetadata,

@@ -16,6 +16,7 @@ exit). Other e2e modules import L{ClassFixture} and L{WeedServer} from here.
 from __future__ import annotations
 
 import atexit
+import base64
 import gzip
 import hashlib
 import os
@@ -360,6 +361,22 @@ class S3BackendTests(S3BackendCase):
         got = self.s3.get_object(Bucket=self.bucket, Key="gz/app.log.gz")
         self.assertEqual(got["Body"].read(), body)
         self.assertEqual(got["ContentLength"], len(body))
+
+    def test_bad_digest_leaves_the_old_object(self):
+        """A streamed PUT whose body fails its Content-MD5 or checksum header
+        never completes upstream: the previous object stays, whole."""
+        old = random_bytes(3 * 1024 * 1024 + 7, seed=5)
+        self.put("bd/data.dat", old)
+        new = random_bytes(3 * 1024 * 1024 + 7, seed=6)
+        wrong_md5 = base64.b64encode(hashlib.md5(b"other").digest()).decode()
+        wrong_crc = base64.b64encode(b"\0\0\0\0").decode()
+        for extra in ({"ContentMD5": wrong_md5}, {"ChecksumCRC32": wrong_crc}):
+            err = s3_error(self.put, "bd/data.dat", new, **extra)
+            self.assertEqual(err[0], 400, (extra, err))
+            self.assertEqual(self.get("bd/data.dat"), old, extra)
+            raw = self.w.get_object(Bucket=self.bucket, Key="bd/data.dat")["Body"].read()
+            self.assertEqual(raw, old, extra)
+        self.assertEqual(self.stored("bd/"), {"bd/data.dat": len(old)})
 
     def test_empty_eligible_file_is_passthrough(self):
         """An empty .tar cannot be a reference: it is stored whole, no reference.bin."""

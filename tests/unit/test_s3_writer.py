@@ -1,0 +1,72 @@
+"""The streamed S3 PUT writer: the last chunk waits for commit.
+
+A body's checks (Content-MD5, signed SHA-256, checksum headers) end with its
+last byte. Until the service has every byte of the declared length it stores
+nothing, so holding the latest chunk back until commit means an aborted upload
+can never complete upstream, however the client's bytes were split."""
+
+from datetime import datetime, timezone
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from dgproxy.storage.s3 import _PushBody, _StreamingWriter
+from dgproxy.storage.metadata import ObjectMetadata
+
+
+class _Consumer:
+    def __init__(self):
+        self.data = []
+
+    def write(self, data: bytes) -> None:
+        self.data.append(data)
+
+
+class _Backend:
+    name = "fake"
+
+
+class StreamingWriterTests(unittest.TestCase):
+    def make(self, length: int):
+        body = _PushBody(length)
+        consumer = _Consumer()
+        body.startProducing(consumer)
+        response = defer.Deferred()
+        return _StreamingWriter(_Backend(), "bkt", "k", body, response), consumer, response
+
+    def test_last_chunk_is_held_until_commit(self):
+        writer, consumer, response = self.make(9)
+        for chunk in (b"abc", b"def", b"ghi"):
+            self.successResultOf(writer.write(chunk))
+        self.assertEqual(b"".join(consumer.data), b"abcdef")
+
+    def test_abort_never_sends_the_last_chunk(self):
+        writer, consumer, response = self.make(6)
+        self.successResultOf(writer.write(b"abc"))
+        self.successResultOf(writer.write(b"def"))
+        writer.abort()
+        self.assertEqual(b"".join(consumer.data), b"abc")
+        self.assertTrue(response.called)  # cancelled: the connection is cut
+
+    def test_commit_sends_everything_and_returns_the_etag(self):
+        writer, consumer, response = self.make(6)
+        self.successResultOf(writer.write(b"abc"))
+        self.successResultOf(writer.write(b"def"))
+
+        class Answer:
+            code = 200
+            length = 0
+            headers = None
+
+        from twisted.web.http_headers import Headers
+        answer = Answer()
+        answer.headers = Headers({b"etag": [b'"0123456789abcdef0123456789abcdef"']})
+        d = defer.ensureDeferred(writer.commit(_meta()))
+        self.assertEqual(b"".join(consumer.data), b"abcdef")
+        response.callback(answer)
+        self.assertEqual(self.successResultOf(d), "0123456789abcdef0123456789abcdef")
+
+
+def _meta() -> ObjectMetadata:
+    return ObjectMetadata(tool="test", original_name="k", file_sha256="", file_size=6, md5="",
+                          created_at=datetime.now(timezone.utc))
