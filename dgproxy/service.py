@@ -6,6 +6,7 @@ what it needs passed in.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
@@ -240,12 +241,31 @@ def build_backends(config: Config, spool: Spool):
 
 SOCKET_READ_SIZE = 1024 * 1024
 SOCKET_WRITE_SIZE = 1024 * 1024
+# glibc gives allocations above its mmap threshold pages of their own, and
+# frees them back at once; every 1 MiB socket read then costs 256 page faults
+# (measured: about a third of the CPU of a 1 MiB GET through the S3 backend).
+# Buffers up to this size come from the heap instead, which keeps this much
+# free memory at its top before returning any to the kernel.
+MALLOC_MMAP_THRESHOLD = 4 * 1024 * 1024
+MALLOC_TRIM_THRESHOLD = 32 * 1024 * 1024
+
+
+def tune_allocator() -> bool:
+    """Keep body-sized buffers on the heap (glibc only; elsewhere a no-op)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD)
+                and mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD))
 
 
 def build(config: Config) -> DrainingService:
     """Check the configuration and the environment, then build the service."""
     # Twisted reads sockets 64 KiB at a time; bodies here are large, and every
     # read costs a trip through the stream machinery, so read more at once.
+    tune_allocator()
     tcp.Connection.bufferSize = SOCKET_READ_SIZE
     tcp.Connection.SEND_LIMIT = SOCKET_WRITE_SIZE  # and send up to 1 MiB per call (128 KiB)
     if not config.open_access and not config.access_key_id:

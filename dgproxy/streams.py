@@ -11,6 +11,7 @@ L{pump_to_request} stops pulling while the client's socket is full.
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from typing import Callable, Optional
 
 from twisted.internet import defer
@@ -48,7 +49,8 @@ class BodyStream:
         self._pause = pause
         self._resume = resume
         self._high = high
-        self._chunks: list[bytes] = []
+        self._chunks: deque[bytes] = deque()
+        self._offset = 0  # bytes of the first chunk already read
         self._buffered = 0
         self._paused = False
         self._done = False
@@ -100,6 +102,7 @@ class BodyStream:
 
     def close(self) -> None:
         self._chunks.clear()
+        self._offset = 0
         self._buffered = 0
         if self._failure is None and not self._done:
             self._failure = Failure(ClientDisconnected("body closed by reader"))
@@ -108,17 +111,23 @@ class BodyStream:
             self._resume()
 
     def _take(self, size: int) -> bytes:
+        # A chunk larger than the read is consumed from an offset: slicing
+        # off its remainder would copy it again on every read.
         out = []
         n = 0
         while self._chunks and n < size:
             chunk = self._chunks[0]
+            start = self._offset
+            left = len(chunk) - start
             room = size - n
-            if len(chunk) <= room:
-                out.append(self._chunks.pop(0))
-                n += len(chunk)
+            if left <= room:
+                out.append(chunk[start:] if start else chunk)
+                self._chunks.popleft()
+                self._offset = 0
+                n += left
             else:
-                out.append(chunk[:room])
-                self._chunks[0] = chunk[room:]
+                out.append(chunk[start:start + room])
+                self._offset = start + room
                 n += room
         self._buffered -= n
         if self._paused and self._buffered < max(1, self._high // 2):

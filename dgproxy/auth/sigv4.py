@@ -37,7 +37,7 @@ AMZ_DATE_FORMAT = "%Y%m%dT%H%M%SZ"
 
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _SIG = re.compile(r"[0-9a-f]{64}")
-_AMZ_DATE = re.compile(r"\d{8}T\d{6}Z")
+_AMZ_DATE = re.compile(r"[0-9]{8}T[0-9]{6}Z")
 _SAFE = "-_.~"  # with alphanumerics: the RFC 3986 unreserved set S3 leaves alone
 
 
@@ -198,8 +198,9 @@ def _parse_signed_headers(value: str, reason: str) -> list[str]:
 def _parse_amz_date(value: str, reason: str) -> datetime:
     if not _AMZ_DATE.fullmatch(value):
         raise AuthFailure(reason, InvalidArgument(f"Invalid X-Amz-Date: {value}"))
-    try:
-        return datetime.strptime(value, AMZ_DATE_FORMAT).replace(tzinfo=timezone.utc)
+    try:  # fields by position: the pattern fixed them (strptime is slow)
+        return datetime(int(value[0:4]), int(value[4:6]), int(value[6:8]), int(value[9:11]),
+                        int(value[11:13]), int(value[13:15]), tzinfo=timezone.utc)
     except ValueError:
         raise AuthFailure(reason, InvalidArgument(f"Invalid X-Amz-Date: {value}")) from None
 

@@ -22,6 +22,7 @@ from twisted.web import http, server
 from twisted.web.http_headers import Headers
 
 from dgproxy.streams import BodyStream, ClientDisconnected, pump_to_request
+from dgproxy.wire import feed_head_apart
 
 log = Logger()
 
@@ -217,6 +218,12 @@ class StreamingChannel(http.HTTPChannel):
         # once: with Nagle on they wait for the client's delayed ACK.
         if ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.line_mode:
+            feed_head_apart(data, super().dataReceived)
+        else:
+            super().dataReceived(data)
 
     def connectionLost(self, reason):
         super().connectionLost(reason)

@@ -14,8 +14,8 @@ import time
 from typing import IO
 
 from twisted.logger import (
-    FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate, formatEvent,
-    textFileLogObserver)
+    FileLogObserver, FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate,
+    formatEvent, formatEventAsClassicLogText, formatTime)
 from zope.interface import implementer
 
 _LEVELS = {"trace": LogLevel.debug, "debug": LogLevel.debug, "info": LogLevel.info,
@@ -48,7 +48,43 @@ def parse_levels(spec: str) -> tuple[LogLevel, dict[str, LogLevel]]:
 
 _SKIP = {"log_format", "log_level", "log_namespace", "log_time", "log_logger", "log_source",
          "log_system", "log_io", "log_text", "log_legacy", "log_failure", "log_trace",
-         "log_flattened", "format", "message", "isError", "system", "time"}
+         "log_flattened", "format", "message", "isError", "system", "time", "dg_line"}
+
+
+# An event may carry its message already rendered under this key (the access
+# log does: one line per request, where Twisted's formatting is the main cost).
+RENDERED = "dg_line"
+
+
+class _Clock:
+    """Twisted's timestamp text, made once per second instead of per line."""
+
+    def __init__(self):
+        self._second = None
+        self._text = "-"
+
+    def __call__(self, when) -> str:
+        if when is None:
+            return "-"
+        second = int(when)
+        if second != self._second:
+            self._second, self._text = second, formatTime(second)
+        return self._text
+
+
+def _classic_text(clock: _Clock):
+    """Twisted's classic line, C{time [namespace#level] message}."""
+
+    def format_event(event: dict):
+        line = event.get(RENDERED)
+        if line is None or "log_failure" in event:
+            return formatEventAsClassicLogText(event, formatTime=clock)
+        level = event.get("log_level")
+        system = event.get("log_system") or (
+            f"{event.get('log_namespace', '-')}#{level.name if level else '-'}")
+        return f"{clock(event.get('log_time'))} [{system}] {line}\n"
+
+    return format_event
 
 
 @implementer(ILogObserver)
@@ -64,7 +100,7 @@ class JSONLinesObserver:
                     + "Z",
             "level": getattr(event.get("log_level"), "name", "info"),
             "namespace": event.get("log_namespace", "-"),
-            "message": formatEvent(event),
+            "message": event.get(RENDERED) or formatEvent(event),
         }
         for key, value in event.items():
             if key in _SKIP or key.startswith("_"):
@@ -84,5 +120,6 @@ def make_observer(level_spec: str, fmt: str, out: IO[str] = None) -> ILogObserve
     predicate = LogLevelFilterPredicate(defaultLogLevel=default)
     for namespace, level in per_namespace.items():
         predicate.setLogLevelForNamespace(namespace, level)
-    sink = JSONLinesObserver(out) if fmt == "json" else textFileLogObserver(out)
+    sink = (JSONLinesObserver(out) if fmt == "json"
+            else FileLogObserver(out, _classic_text(_Clock())))
     return FilteringLogObserver(sink, [predicate])

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
-from email.utils import parsedate_to_datetime
+from datetime import datetime
 from typing import Callable, Optional
 
 from dgproxy.s3 import errors
+from dgproxy.wire import parse_http_date
 
 _RANGE = re.compile(r"^\s*bytes\s*=\s*([0-9]*)\s*-\s*([0-9]*)\s*$")
 _MAX_DIGITS = 19  # past this a number is "beyond any object" (and int() may refuse it)
@@ -50,18 +50,6 @@ def parse_range(header: Optional[str], size: int) -> Optional[tuple[int, int]]:
     return start, min(end, size - 1)
 
 
-def _http_date(value: Optional[str]) -> Optional[datetime]:
-    if not value:
-        return None
-    try:
-        parsed = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if parsed.tzinfo is None:  # asctime format: RFC 9110 says it is UTC
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed
-
-
 def _etag_matches(header: str, etag: str, weak: bool = False) -> bool:
     """Strong comparison, or weak (C{W/} ignored) for If-None-Match."""
     bare = etag.strip('"')
@@ -83,7 +71,7 @@ def check_read(header: Callable[[str], Optional[str]], etag: str,
         if not _etag_matches(if_match, etag):
             raise errors.PreconditionFailed(Condition="If-Match")
     else:
-        since = _http_date(header(prefix + "if-unmodified-since"))
+        since = parse_http_date(header(prefix + "if-unmodified-since"))
         if since is not None and modified > since:
             raise errors.PreconditionFailed(Condition="If-Unmodified-Since")
     if_none = header(prefix + "if-none-match")
@@ -93,7 +81,7 @@ def check_read(header: Callable[[str], Optional[str]], etag: str,
                 raise errors.PreconditionFailed(Condition="If-None-Match")
             raise NotModified()
     else:
-        since = _http_date(header(prefix + "if-modified-since"))
+        since = parse_http_date(header(prefix + "if-modified-since"))
         if since is not None and modified <= since:
             if prefix:
                 raise errors.PreconditionFailed(Condition="If-Modified-Since")

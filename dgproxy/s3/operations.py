@@ -11,8 +11,6 @@ import base64
 import binascii
 import hashlib
 import time
-from datetime import timezone
-from email.utils import format_datetime
 from typing import Optional
 from urllib.parse import unquote
 
@@ -24,6 +22,7 @@ from dgproxy.s3.names import check_bucket_name, check_key
 from dgproxy.storage.interface import (
     BucketMissing, BucketNotEmptyError, KeyConflict, NameTooLong)
 from dgproxy.streams import read_all
+from dgproxy.wire import format_http_date
 
 MAX_SINGLE_PUT = 5 * 1024**3
 BUCKET_CACHE_SECONDS = 10.0
@@ -86,7 +85,7 @@ class Operations:
         meta = version.metadata
         headers = [
             ("ETag", version.etag),
-            ("Last-Modified", _http_date(version.last_modified)),
+            ("Last-Modified", format_http_date(version.last_modified)),
             ("Accept-Ranges", "bytes"),
             ("Content-Type", meta.content_type or "application/octet-stream"),
         ]
@@ -297,7 +296,7 @@ class Operations:
             if isinstance(e, errors.S3Error):
                 raise
             return Response(304, [("ETag", version.etag),
-                                  ("Last-Modified", _http_date(version.last_modified))])
+                                  ("Last-Modified", format_http_date(version.last_modified))])
         headers = self._object_headers(version)
         for param, header in RESPONSE_OVERRIDES.items():
             if param in call.query:
@@ -401,5 +400,3 @@ def _parse_copy_source(value: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _http_date(when) -> str:
-    return format_datetime(when.astimezone(timezone.utc), usegmt=True)

@@ -29,7 +29,7 @@ from zope.interface import implementer
 
 from dgproxy.storage.interface import IBackend, IObjectWriter, StorageError
 from dgproxy.storage.metadata import DELTA, ObjectMetadata
-from dgproxy.streams import CHUNK
+from dgproxy.streams import CHUNK, PUMP_CHUNK
 
 log = Logger(namespace="dgproxy.encryption")
 
@@ -268,21 +268,39 @@ class _DecryptingSource:
 
 
 class _PrefixedSource:
-    """A source whose first chunk was already read (to look at it)."""
+    """A source whose first chunk was already read (to look at it). That
+    chunk is as large as the source had at hand, so it is handed on whole to
+    a reader that takes as much, and read from an offset (not re-sliced) by
+    one that reads less."""
 
     def __init__(self, first: bytes, source):
         self._first = first
+        self._at = 0
         self._source = source
 
     def read(self, size: int = CHUNK):
-        if self._first:
-            out, self._first = self._first[:size], self._first[size:]
+        first, at = self._first, self._at
+        if at < len(first):
+            out = first if at == 0 and size >= len(first) else first[at:at + size]
+            self._at = at + len(out)
             return defer.succeed(out)
         return self._source.read(size)
 
     def close(self) -> None:
         self._first = b""
         self._source.close()
+
+
+async def _peek(source) -> bytes:
+    """The source's first chunk, as large as it comes (no cutting and copying),
+    and at least long enough to hold the magic unless the blob is shorter."""
+    first = await source.read(PUMP_CHUNK)
+    while first and len(first) < len(MAGIC):
+        more = await source.read(PUMP_CHUNK)
+        if not more:
+            break
+        first += more
+    return first
 
 
 def blob_size(meta: ObjectMetadata) -> int:
@@ -402,7 +420,7 @@ class EncryptingBackend:
         marker = meta.user_metadata.get(MARKER) if meta is not None else None
         try:
             if marker is None:
-                first = await raw.read(CHUNK)
+                first = await _peek(raw)
                 if first[:4] == MAGIC:
                     raise EncryptionError(STRIPPED)
                 return stored, _PrefixedSource(first, raw)
@@ -425,7 +443,7 @@ class EncryptingBackend:
             source = await self.inner.open_read(bucket, key, 0, length)
             if source is None:
                 return None
-            first = await source.read(CHUNK)
+            first = await _peek(source)
             if first[:4] == MAGIC:
                 source.close()
                 raise EncryptionError(STRIPPED)

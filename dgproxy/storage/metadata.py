@@ -42,7 +42,11 @@ def parse_timestamp(text: str) -> datetime:
         raise MetadataError(f"bad timestamp {text!r}")
     base, frac, zone = m.groups()
     micro = int((frac or "0")[:6].ljust(6, "0"))
-    when = datetime.strptime(base, "%Y-%m-%dT%H:%M:%S").replace(microsecond=micro)
+    try:  # fields by position: the pattern fixed them (strptime is slow)
+        when = datetime(int(base[0:4]), int(base[5:7]), int(base[8:10]), int(base[11:13]),
+                        int(base[14:16]), int(base[17:19]), micro)
+    except ValueError:
+        raise MetadataError(f"bad timestamp {text!r}") from None
     if zone in (None, "Z"):
         return when.replace(tzinfo=timezone.utc)
     sign = 1 if zone[0] == "+" else -1

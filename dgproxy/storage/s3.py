@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from datetime import datetime, timezone
-from email.utils import parsedate_to_datetime
 from typing import Optional
 from urllib.parse import quote
 
@@ -30,6 +29,7 @@ from twisted.web.client import (
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from twisted.web.client import _HTTP11ClientFactory
+from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
@@ -39,6 +39,7 @@ from dgproxy.storage.interface import (
 from dgproxy.storage.metadata import (
     DELTA_SUFFIX, REFERENCE_NAME, ObjectMetadata, from_s3_headers, to_s3_headers)
 from dgproxy.streams import BodyStream, ClientDisconnected, PauseGate
+from dgproxy.wire import feed_head_apart, parse_http_date
 
 log = Logger(namespace="dgproxy.storage.s3")
 
@@ -48,10 +49,7 @@ LIST_HEAD_CONCURRENCY = 10
 
 
 def _http_date(value: Optional[str]) -> datetime:
-    try:
-        return parsedate_to_datetime(value).astimezone(timezone.utc)
-    except (TypeError, ValueError):
-        return datetime.now(timezone.utc)
+    return parse_http_date(value) or datetime.now(timezone.utc)
 
 
 def _iso(value: str) -> datetime:
@@ -103,8 +101,22 @@ class _ResponseSource:
                     pass
 
 
+class _ClientProtocol(HTTP11ClientProtocol):
+    """Feeds a response's head and the body after it to the parser apart."""
+
+    def dataReceived(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is not None and parser.line_mode:
+            feed_head_apart(data, super().dataReceived)
+        else:
+            super().dataReceived(data)
+
+
 class _QuietFactory(_HTTP11ClientFactory):
     noisy = False  # no "Starting factory" line per upstream connection
+
+    def buildProtocol(self, addr):
+        return _ClientProtocol(self._quiescentCallback)
 
 
 class S3Client:
