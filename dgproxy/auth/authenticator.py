@@ -30,6 +30,7 @@ class Authenticator:
                  open_access: bool, clock_skew_seconds: int,
                  clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)):
         self._akid = access_key_id
+        self._akid_digest = hashlib.sha256((access_key_id or "").encode("utf-8")).digest()
         self._secret = secret_access_key
         self.open_access = open_access and not access_key_id
         self._skew = clock_skew_seconds
@@ -39,9 +40,8 @@ class Authenticator:
         """The secret for a key; compares digests so timing says nothing."""
         if not self._akid or not self._secret:
             return None
-        a = hashlib.sha256(access_key_id.encode("utf-8", "surrogatepass")).digest()
-        b = hashlib.sha256(self._akid.encode("utf-8")).digest()
-        return self._secret if hmac.compare_digest(a, b) else None
+        given = hashlib.sha256(access_key_id.encode("utf-8", "surrogatepass")).digest()
+        return self._secret if hmac.compare_digest(given, self._akid_digest) else None
 
     def authenticate(self, request: SignedRequest) -> tuple[Principal, Optional[AuthResult]]:
         """Raise L{AuthFailure} unless the request is signed by a known key."""

@@ -13,6 +13,7 @@ same text botocore signed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -126,7 +127,9 @@ def canonical_headers(headers: Mapping[str, list[str]], signed: list[str]) -> st
     return "".join(lines)
 
 
+@functools.lru_cache(maxsize=64)
 def signing_key(secret: str, date: str, region: str, service: str = "s3") -> bytes:
+    """The derived key (four HMACs); it changes once a day, so it is kept."""
     key = hmac.new(("AWS4" + secret).encode("utf-8"), date.encode(), hashlib.sha256).digest()
     for part in (region, service, "aws4_request"):
         key = hmac.new(key, part.encode("utf-8"), hashlib.sha256).digest()

@@ -23,9 +23,12 @@ from defusedxml import ElementTree as SafeET
 from twisted.internet import defer, error as net_error, task
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.web.client import (
-    Agent, FileBodyProducer, HTTPConnectionPool, RequestTransmissionFailed, ResponseDone,
-    ResponseNeverReceived)
+    Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, HTTPConnectionPool,
+    RequestTransmissionFailed, ResponseDone, ResponseNeverReceived)
+from twisted.web.error import SchemeNotSupported
+from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from twisted.web.client import _HTTP11ClientFactory
@@ -112,6 +115,33 @@ class _ClientProtocol(HTTP11ClientProtocol):
             super().dataReceived(data)
 
 
+@implementer(IAgentEndpointFactory)
+class _Endpoints:
+    """One endpoint per scheme, host and port, made once: the Agent's own
+    factory builds a new one for every request."""
+
+    def __init__(self, reactor, connect_timeout: float):
+        self._reactor = reactor
+        self._timeout = connect_timeout
+        self._tls = BrowserLikePolicyForHTTPS()
+        self._made: dict[tuple, object] = {}
+
+    def endpointForURI(self, uri):
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._made.get(key)
+        if endpoint is None:
+            endpoint = HostnameEndpoint(self._reactor, uri.host.decode("ascii"), uri.port,
+                                        timeout=self._timeout)
+            if uri.scheme == b"https":
+                endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
+            elif uri.scheme != b"http":
+                raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
+            if len(self._made) > 1000:  # virtual-hosted style: one host per bucket
+                self._made.clear()
+            self._made[key] = endpoint
+        return endpoint
+
+
 class _QuietFactory(_HTTP11ClientFactory):
     noisy = False  # no "Starting factory" line per upstream connection
 
@@ -141,7 +171,8 @@ class S3Client:
         # The Agent itself, not treq.request: treq wraps every request in
         # cookie, redirect and gzip-decoding agents; the last would unzip an
         # object stored with Content-Encoding: gzip and corrupt the bytes.
-        self.agent = Agent(reactor, pool=self.pool, connectTimeout=connect_timeout)
+        self.agent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor, connect_timeout),
+                                                pool=self.pool)
 
     def url(self, bucket: Optional[str], key: Optional[str] = None,
             query: Optional[dict] = None) -> str:
