@@ -56,6 +56,9 @@ class BodyStream:
         self._done = False
         self._failure: Optional[Failure] = None
         self._waiting: Optional[defer.Deferred] = None
+        self._relay: Optional[Callable[[bytes], None]] = None
+        self._relayed: Optional[defer.Deferred] = None
+        self._relay_count = 0
         self.received = 0
 
     # push side
@@ -63,6 +66,10 @@ class BodyStream:
         if self._done or self._failure is not None or not data:
             return
         self.received += len(data)
+        if self._relay is not None:
+            self._relay_count += len(data)
+            self._relay(data)
+            return
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered >= self._high:
@@ -81,6 +88,38 @@ class BodyStream:
             return
         self._failure = reason if isinstance(reason, Failure) else Failure(reason)
         self._wake()
+
+    # relay side: instead of being read, the stream writes into a consumer
+    def relay(self, write: Callable[[bytes], None]) -> defer.Deferred:
+        """Hand every chunk, buffered or still to come, straight to C{write}:
+        no Deferred per chunk. After this the stream cannot be read. Fires
+        with the bytes written once the body ends, or fails as a read would.
+        The consumer paces the source with L{pause_source}/L{resume_source}."""
+        if self._waiting is not None or self._relay is not None:
+            raise RuntimeError("relay on a BodyStream that is being read")
+        relayed = self._relayed = defer.Deferred()
+        offset, self._offset = self._offset, 0
+        while self._chunks and self._failure is None:
+            chunk = self._chunks.popleft()
+            if offset:
+                chunk, offset = chunk[offset:], 0
+            self._relay_count += len(chunk)
+            write(chunk)
+        self._chunks.clear()
+        self._buffered = 0
+        self._relay = write
+        self._wake()
+        if self._relayed is not None and self._paused:
+            self.resume_source()
+        return relayed
+
+    def pause_source(self) -> None:
+        self._paused = True
+        self._pause()
+
+    def resume_source(self) -> None:
+        self._paused = False
+        self._resume()
 
     @property
     def finished(self) -> bool:
@@ -109,6 +148,8 @@ class BodyStream:
         if self._paused:
             self._paused = False
             self._resume()
+        if self._relayed is not None:
+            self._wake()
 
     def _take(self, size: int) -> bytes:
         # A chunk larger than the read is consumed from an offset: slicing
@@ -136,6 +177,14 @@ class BodyStream:
         return out[0] if len(out) == 1 else b"".join(out)
 
     def _wake(self) -> None:
+        if self._relayed is not None:
+            if self._failure is not None:
+                d, self._relayed = self._relayed, None
+                d.errback(self._failure)
+            elif self._done:
+                d, self._relayed = self._relayed, None
+                d.callback(self._relay_count)
+            return
         d, self._waiting = self._waiting, None
         if d is None:
             return
@@ -336,8 +385,56 @@ class _RequestPump(PauseGate):
         return sent
 
 
+@implementer(IPushProducer)
+class _RequestRelay:
+    """Lets a L{BodyStream} write straight into a Twisted request; the
+    request's backpressure pauses the stream's source (a socket)."""
+
+    def __init__(self, source, stream: BodyStream, request, prefix: bytes):
+        self._source = source
+        self._stream = stream
+        self._request = request
+        self._prefix = prefix
+        self.stopped = False
+
+    def pauseProducing(self) -> None:
+        self._stream.pause_source()
+
+    def resumeProducing(self) -> None:
+        self._stream.resume_source()
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+        self._stream.close()
+
+    async def run(self) -> int:
+        self._request.registerProducer(self, True)
+        try:
+            if self._prefix:
+                self._request.write(self._prefix)
+            sent = len(self._prefix) + await self._stream.relay(self._request.write)
+        except ClientDisconnected:
+            if not self.stopped:
+                raise
+        finally:
+            self._source.close()
+            if not self.stopped:
+                self._request.unregisterProducer()
+        if self.stopped:
+            raise ClientDisconnected("client went away mid-response")
+        return sent
+
+
 def pump_to_request(source, request) -> defer.Deferred:
-    """Copy C{source} into C{request} with backpressure; fires with bytes sent."""
+    """Copy C{source} into C{request} with backpressure; fires with bytes sent.
+
+    A source over a socket (it has C{relay_stream}) is relayed: its chunks
+    are written into the request as they arrive, without a Deferred each."""
+    take = getattr(source, "relay_stream", None)
+    found = take() if take is not None else None
+    if found is not None:
+        prefix, stream = found
+        return defer.ensureDeferred(_RequestRelay(source, stream, request, prefix).run())
     return defer.ensureDeferred(_RequestPump(source, request).run())
 
 

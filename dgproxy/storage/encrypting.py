@@ -286,6 +286,17 @@ class _PrefixedSource:
             return defer.succeed(out)
         return self._source.read(size)
 
+    def relay_stream(self):
+        """The inner source's stream for L{pump_to_request}, with what is
+        left of the first chunk to write before it; None if it has none."""
+        take = getattr(self._source, "relay_stream", None)
+        found = take() if take is not None else None
+        if found is None:
+            return None
+        rest = self._first[self._at:] if self._at else self._first
+        self._at = len(self._first)
+        return rest + found[0], found[1]
+
     def close(self) -> None:
         self._first = b""
         self._source.close()

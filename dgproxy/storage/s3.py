@@ -41,7 +41,7 @@ from dgproxy.storage.interface import (
     IObjectWriter, StoredObject, UpstreamError)
 from dgproxy.storage.metadata import (
     DELTA_SUFFIX, REFERENCE_NAME, ObjectMetadata, from_s3_headers, to_s3_headers)
-from dgproxy.streams import BodyStream, ClientDisconnected, PauseGate
+from dgproxy.streams import BodyStream, PauseGate
 from dgproxy.wire import feed_head_apart, parse_http_date
 
 log = Logger(namespace="dgproxy.storage.s3")
@@ -62,6 +62,11 @@ def _iso(value: str) -> datetime:
         return datetime.now(timezone.utc)
 
 
+class UpstreamBodyFailed(Exception):
+    """An upstream response body ended early: whoever is sending it on must
+    cut its own connection (its headers promised a length)."""
+
+
 class _StreamProtocol(Protocol):
     """Feeds an upstream response body into a L{BodyStream}."""
 
@@ -78,7 +83,7 @@ class _StreamProtocol(Protocol):
         if reason.check(ResponseDone, PotentialDataLoss):
             self.stream.finish()
         else:
-            self.stream.fail(ClientDisconnected(f"upstream body failed: {reason.value}"))
+            self.stream.fail(UpstreamBodyFailed(f"upstream body failed: {reason.value}"))
 
 
 class _ResponseSource:
@@ -91,6 +96,10 @@ class _ResponseSource:
 
     def read(self, size: int = 256 * 1024):
         return self._proto.stream.read(size)
+
+    def relay_stream(self):
+        """(bytes already taken, the L{BodyStream}) for L{pump_to_request}."""
+        return b"", self._proto.stream
 
     def close(self) -> None:
         stream = self._proto.stream

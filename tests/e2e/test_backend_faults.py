@@ -12,6 +12,7 @@ C{stop()} reuses them) the same requests succeed.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from typing import Optional
 
@@ -71,6 +72,53 @@ class BackendOutageTests(ClassFixture, unittest.TestCase):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.3)
+
+    def test_backend_gone_mid_download_cuts_the_client(self):
+        """The response headers promised a length; when the backend dies
+        halfway through the body, dgproxy cuts the client's connection at
+        once (the client must not wait for bytes that will never come)."""
+        self.wait_until_writable("real-remote")
+        size = 64 * 1024 * 1024
+        self.s3.put_object(Bucket="remote", Key="big/cut.dat", Body=random_bytes(size, seed=9))
+        presigner = boto3.session.Session().client(
+            "s3", endpoint_url=self.proxy.endpoint, aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY, region_name="us-east-1",
+            config=BotoConfig(signature_version="s3v4", s3={"addressing_style": "path"}))
+        url = presigner.generate_presigned_url("get_object", ExpiresIn=300,
+                                               Params={"Bucket": "remote", "Key": "big/cut.dat"})
+        path = url[len(self.proxy.endpoint):]
+        sock = socket.create_connection(("127.0.0.1", self.proxy.port), timeout=30)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.proxy.port}\r\n\r\n"
+                         .encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += sock.recv(65536)
+            self.assertIn(b" 200 ", head.split(b"\r\n", 1)[0])
+            self.weed.stop()  # the client has read almost nothing yet
+            got = len(head.split(b"\r\n\r\n", 1)[1])
+            started = time.monotonic()
+            try:
+                while True:
+                    data = sock.recv(1 << 20)
+                    if not data:
+                        break
+                    got += len(data)
+            except ConnectionResetError:
+                pass
+            self.assertLess(got, size)
+            self.assertLess(time.monotonic() - started, 25)
+        finally:
+            sock.close()
+            self.weed.start()
+            self.wait_until_writable("real-remote")
+            deadline = time.monotonic() + 30
+            while "big/cut.dat" in stored_objects(self.w, "real-remote"):
+                self.assertLess(time.monotonic(), deadline, "big/cut.dat not deleted")
+                self.s3.delete_object(Bucket="remote", Key="big/cut.dat")
+                time.sleep(0.2)
+        self.assertIn("Response body failed after headers were sent", self.proxy.log())
 
     def test_outage_and_recovery(self):
         s3 = self.s3

@@ -467,6 +467,110 @@ class PumpTests(unittest.TestCase):
         self.assertFalse(p.paused)
 
 
+class SocketSource:
+    """A source over a BodyStream, as the S3 backend's response source is:
+    it offers the stream for relaying and records close."""
+
+    def __init__(self, body):
+        self.body = body
+        self.closed = False
+
+    def read(self, size=CHUNK):
+        return self.body.read(size)
+
+    def relay_stream(self):
+        return b"", self.body
+
+    def close(self):
+        self.closed = True
+        self.body.close()
+
+
+class RelayTests(unittest.TestCase):
+    def test_buffered_then_live_chunks_in_order(self):
+        body, p = stream(high=100)
+        body.feed(b"abcdef")
+        self.assertEqual(self.successResultOf(body.read(2)), b"ab")  # read from an offset
+        body.feed(b"gh")
+        written = []
+        d = body.relay(written.append)
+        self.assertEqual(written, [b"cdef", b"gh"])
+        body.feed(b"ij")
+        self.assertNoResult(d)
+        body.finish()
+        self.assertEqual(self.successResultOf(d), 8)  # what the relay wrote
+        self.assertEqual(b"".join(written), b"cdefghij")
+
+    def test_finished_stream_relays_at_once(self):
+        body, _ = stream()
+        body.feed(b"xyz")
+        body.finish()
+        written = []
+        self.assertEqual(self.successResultOf(body.relay(written.append)), 3)
+        self.assertEqual(written, [b"xyz"])
+
+    def test_relay_resumes_a_source_paused_by_buffering(self):
+        body, p = stream(high=4)
+        body.feed(b"12345")
+        self.assertTrue(p.paused)
+        body.relay(lambda data: None)
+        self.assertFalse(p.paused)
+
+    def test_failure_and_close_end_the_relay(self):
+        body, _ = stream()
+        d = body.relay(lambda data: None)
+        body.fail(IOError("socket"))
+        self.failureResultOf(d, IOError)
+        body2, _ = stream()
+        d2 = body2.relay(lambda data: None)
+        body2.close()
+        self.failureResultOf(d2, ClientDisconnected)
+
+    def test_relay_after_read_started_is_refused(self):
+        body, _ = stream()
+        body.read(10)
+        self.assertRaises(RuntimeError, body.relay, lambda data: None)
+
+    def test_pump_relays_a_socket_source_with_backpressure(self):
+        body, p = stream(high=100)
+        src = SocketSource(body)
+        req = FakeRequest()
+        d = pump_to_request(src, req)
+        body.feed(b"one")
+        req.producer.pauseProducing()
+        self.assertTrue(p.paused)  # the client is full: the socket stops
+        req.producer.resumeProducing()
+        self.assertFalse(p.paused)
+        body.feed(b"two")
+        body.finish()
+        self.assertEqual(self.successResultOf(d), 6)
+        self.assertEqual(req.written, [b"one", b"two"])
+        self.assertEqual((req.registered, req.unregistered), (1, 1))
+        self.assertTrue(src.closed)
+
+    def test_pump_relay_client_gone_is_client_disconnected(self):
+        body, _ = stream()
+        src = SocketSource(body)
+        req = FakeRequest()
+        d = pump_to_request(src, req)
+        body.feed(b"part")
+        req.producer.stopProducing()
+        self.failureResultOf(d, ClientDisconnected)
+        self.assertTrue(src.closed)
+        body.feed(b"more")  # late bytes from the socket go nowhere
+        self.assertEqual(req.written, [b"part"])
+
+    def test_pump_relay_source_failure_is_not_client_disconnected(self):
+        body, _ = stream()
+        src = SocketSource(body)
+        req = FakeRequest()
+        d = pump_to_request(src, req)
+        body.fail(IOError("upstream cut"))
+        self.failureResultOf(d, IOError)
+        self.assertTrue(src.closed)
+        self.assertEqual(req.unregistered, 1)
+
+
 class FileSinkTests(unittest.TestCase):
     def _sink(self):
         path = self.mktemp()
