@@ -78,43 +78,11 @@ reactor.run()
 '''
 
 
-class AnonymousSeaweed(B.Seaweed):
-    """SeaweedFS started without AWS_* in its environment: no identity, so
-    its S3 checks no signature."""
-
-    def start(self) -> None:
-        args = [B.WEED, f"-logdir={self.logdir}", "mini", f"-dir={self.data_dir}",
-                "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.port={self.port}",
-                f"-master.port={self.master_port}", f"-volume.port={self.volume_port}",
-                f"-filer.port={self.filer_port}", f"-admin.port={self.admin_port}",
-                "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-                "-master.telemetry=false", f"-filer.localSocket={self.workdir}/filer.sock",
-                f"-s3.localSocket={self.workdir}/s3.sock"]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
-        env["TMPDIR"] = self.workdir
-        with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen(args, cwd=self.workdir, env=env, stdout=logf,
-                                         stderr=subprocess.STDOUT)
-        client = self.client()
-        deadline = time.monotonic() + 90
-        while True:
-            self.check_alive()
-            try:
-                client.create_bucket(B.BUCKET)
-                return
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.3)
-            finally:
-                client.close()
-
-
 def main() -> int:
     per_round = int(sys.argv[1]) if len(sys.argv) > 1 else 300
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 6
     workdir = tempfile.mkdtemp(prefix="dgp-floor-")
-    weed = AnonymousSeaweed(workdir)
+    weed = B.Seaweed(workdir, anonymous=True)
     relay = None
     try:
         weed.start()

@@ -304,7 +304,9 @@ class DgProxy(Server):
 class Seaweed(Server):
     name = "seaweedfs"
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, anonymous: bool = False):
+        """C{anonymous}: no identity, so its S3 checks no signature."""
+        self.anonymous = anonymous
         self.workdir = os.path.join(workdir, "weed")
         self.data_dir = os.path.join(self.workdir, "data")
         self.logdir = os.path.join(self.workdir, "logs")
@@ -326,8 +328,9 @@ class Seaweed(Server):
         # is anonymous-open); dgproxy checks signatures too, so this keeps the
         # comparison like for like.
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
-        env.update({"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-                    "TMPDIR": self.workdir})  # its stray sockets go away with our temp dir
+        env["TMPDIR"] = self.workdir  # its stray sockets go away with our temp dir
+        if not self.anonymous:
+            env.update({"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY})
         args = [
             WEED, f"-logdir={self.logdir}", "mini",
             f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",

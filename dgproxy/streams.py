@@ -355,27 +355,27 @@ class PauseGate:
 PUMP_CHUNK = 1024 * 1024
 
 
-class _RequestPump(PauseGate):
-    """Writes a source into a Twisted request, pausing while it is full."""
+class _IntoRequest:
+    """Copies a source into a Twisted request as its registered producer:
+    cleans up either way, and a client that went away is L{ClientDisconnected}."""
+
+    stopped = False
 
     def __init__(self, source, request):
-        super().__init__()
         self._source = source
         self._request = request
+
+    async def _copy(self) -> int:
+        raise NotImplementedError
 
     async def run(self) -> int:
         sent = 0
         self._request.registerProducer(self, True)
         try:
-            while not self.stopped:
-                if self.paused is not None:
-                    await self.paused
-                    continue
-                chunk = await self._source.read(PUMP_CHUNK)
-                if not chunk:
-                    break
-                sent += len(chunk)
-                self._request.write(chunk)
+            sent = await self._copy()
+        except ClientDisconnected:
+            if not self.stopped:
+                raise
         finally:
             self._source.close()
             if not self.stopped:
@@ -385,17 +385,36 @@ class _RequestPump(PauseGate):
         return sent
 
 
+class _RequestPump(PauseGate, _IntoRequest):
+    """Pulls chunks from a source into the request, pausing while it is full."""
+
+    def __init__(self, source, request):
+        PauseGate.__init__(self)
+        _IntoRequest.__init__(self, source, request)
+
+    async def _copy(self) -> int:
+        sent = 0
+        while not self.stopped:
+            if self.paused is not None:
+                await self.paused
+                continue
+            chunk = await self._source.read(PUMP_CHUNK)
+            if not chunk:
+                break
+            sent += len(chunk)
+            self._request.write(chunk)
+        return sent
+
+
 @implementer(IPushProducer)
-class _RequestRelay:
-    """Lets a L{BodyStream} write straight into a Twisted request; the
-    request's backpressure pauses the stream's source (a socket)."""
+class _RequestRelay(_IntoRequest):
+    """Lets a L{BodyStream} write straight into the request; the request's
+    backpressure pauses the stream's source (a socket)."""
 
     def __init__(self, source, stream: BodyStream, request, prefix: bytes):
-        self._source = source
+        super().__init__(source, request)
         self._stream = stream
-        self._request = request
         self._prefix = prefix
-        self.stopped = False
 
     def pauseProducing(self) -> None:
         self._stream.pause_source()
@@ -407,22 +426,10 @@ class _RequestRelay:
         self.stopped = True
         self._stream.close()
 
-    async def run(self) -> int:
-        self._request.registerProducer(self, True)
-        try:
-            if self._prefix:
-                self._request.write(self._prefix)
-            sent = len(self._prefix) + await self._stream.relay(self._request.write)
-        except ClientDisconnected:
-            if not self.stopped:
-                raise
-        finally:
-            self._source.close()
-            if not self.stopped:
-                self._request.unregisterProducer()
-        if self.stopped:
-            raise ClientDisconnected("client went away mid-response")
-        return sent
+    async def _copy(self) -> int:
+        if self._prefix:
+            self._request.write(self._prefix)
+        return len(self._prefix) + await self._stream.relay(self._request.write)
 
 
 def pump_to_request(source, request) -> defer.Deferred:
