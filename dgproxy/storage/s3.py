@@ -1,11 +1,13 @@
-"""S3 backend: blobs in a real object store, spoken to with treq.
+"""S3 backend: blobs in a real object store, spoken to with Twisted's Agent
+(the one treq builds on) over a persistent connection pool.
 
 Requests are signed with botocore's SigV4 signer (signing only; no boto3
 client in the server). Downloads stream from the upstream socket with
-backpressure. Uploads need their metadata in the request headers, and the
-metadata (size, MD5, SHA-256) is only known at the end of the body, so a
-writer spools to a local file and PUTs it at commit: memory stays bounded
-and nothing is visible upstream until the blob is complete.
+backpressure. Uploads need their metadata in the request headers: one of
+known size whose metadata is known up front streams straight upstream;
+otherwise (the metadata needs the body's hashes) a writer spools to a local
+file and PUTs it at commit. Memory stays bounded either way, and nothing is
+visible upstream until the blob is complete.
 """
 
 from __future__ import annotations
@@ -21,19 +23,17 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from defusedxml import ElementTree as SafeET
 from twisted.internet import defer, error as net_error, task
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import (
     Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, HTTPConnectionPool,
-    RequestTransmissionFailed, ResponseDone, ResponseNeverReceived)
+    RequestTransmissionFailed, ResponseDone, ResponseNeverReceived, _HTTP11ClientFactory)
 from twisted.web.error import SchemeNotSupported
-from twisted.web.iweb import IAgentEndpointFactory
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
-from twisted.web.client import _HTTP11ClientFactory
-from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 from dgproxy.storage.interface import (
