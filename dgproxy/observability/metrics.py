@@ -74,6 +74,8 @@ class Metrics:
         self.auth_failures = Counter(
             "deltaglider_auth_failures", "SigV4 authentication failures by reason.", ["reason"],
             registry=r)
+        self._auth_success = self.auth_attempts.labels("success")
+        self._per_request: dict[tuple, tuple] = {}
         self._sources = None
 
     def watch(self, cache, codec, multipart) -> None:
@@ -85,14 +87,25 @@ class Metrics:
     def request_done(self, method: str, status: int, operation: str, seconds: float,
                      received: int, sent: int) -> None:
         method = method if method in _METHODS else "OTHER"
-        self.http_requests.labels(method, str(status), operation).inc()
-        self.http_duration.labels(method, operation).observe(seconds)
-        self.http_request_size.labels(method).observe(received)
-        self.http_response_size.labels(method).observe(sent)
+        key = (method, status, operation)
+        children = self._per_request.get(key)
+        if children is None:
+            # labels() checks and locks on every call; a request's four series
+            # are looked up once per combination (a bounded set) instead.
+            children = self._per_request[key] = (
+                self.http_requests.labels(method, str(status), operation),
+                self.http_duration.labels(method, operation),
+                self.http_request_size.labels(method),
+                self.http_response_size.labels(method))
+        count, duration, request_size, response_size = children
+        count.inc()
+        duration.observe(seconds)
+        request_size.observe(received)
+        response_size.observe(sent)
 
     # -- auth ------------------------------------------------------------------
     def auth_ok(self) -> None:
-        self.auth_attempts.labels("success").inc()
+        self._auth_success.inc()
 
     def auth_failed(self, reason: str) -> None:
         self.auth_attempts.labels("failure").inc()
