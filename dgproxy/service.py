@@ -40,6 +40,7 @@ from dgproxy.storage.filesystem import FilesystemBackend, XattrUnsupported
 from dgproxy.storage.interface import StorageError
 from dgproxy.storage.routing import RoutingBackend
 from dgproxy.storage.s3 import S3Backend, S3Client, probe_blocking
+from dgproxy.streams import SOCKET_CHUNK
 
 log = Logger(namespace="dgproxy")
 
@@ -239,7 +240,6 @@ def build_backends(config: Config, spool: Spool):
     return RoutingBackend(backends, default, routes), lines
 
 
-SOCKET_READ_SIZE = 1024 * 1024
 SOCKET_WRITE_SIZE = 1024 * 1024
 # glibc gives allocations above its mmap threshold pages of their own, and
 # frees them back at once; every 1 MiB socket read then costs 256 page faults
@@ -263,11 +263,12 @@ def tune_allocator() -> bool:
 
 def build(config: Config) -> DrainingService:
     """Check the configuration and the environment, then build the service."""
-    # Twisted reads sockets 64 KiB at a time; bodies here are large, and every
-    # read costs a trip through the stream machinery, so read more at once.
+    # Twisted reads sockets 64 KiB at a time and sends 128 KiB per call; bodies
+    # here are large, and every read costs a trip through the stream
+    # machinery, so read and send up to 1 MiB at once.
     tune_allocator()
-    tcp.Connection.bufferSize = SOCKET_READ_SIZE
-    tcp.Connection.SEND_LIMIT = SOCKET_WRITE_SIZE  # and send up to 1 MiB per call (128 KiB)
+    tcp.Connection.bufferSize = SOCKET_CHUNK
+    tcp.Connection.SEND_LIMIT = SOCKET_WRITE_SIZE
     if not config.open_access and not config.access_key_id:
         raise Fatal(NO_AUTH_MESSAGE)
     try:

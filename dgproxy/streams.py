@@ -350,9 +350,10 @@ class PauseGate:
         self.resumeProducing()
 
 
-# A response body is pumped in pieces as large as one socket read, so that a
-# chunk from upstream goes out whole, without being cut and copied.
-PUMP_CHUNK = 1024 * 1024
+# The most one socket read delivers (the service sets Twisted's read size to
+# it). Reading a body in pieces this large takes each chunk whole, without
+# cutting and copying it.
+SOCKET_CHUNK = 1024 * 1024
 
 
 class _IntoRequest:
@@ -398,7 +399,7 @@ class _RequestPump(PauseGate, _IntoRequest):
             if self.paused is not None:
                 await self.paused
                 continue
-            chunk = await self._source.read(PUMP_CHUNK)
+            chunk = await self._source.read(SOCKET_CHUNK)
             if not chunk:
                 break
             sent += len(chunk)

@@ -31,7 +31,8 @@ from dgproxy.storage.interface import AlreadyExists, StoredObject
 from dgproxy.storage.metadata import (
     DELTA, EMPTY_MD5, INTERNAL_REFERENCE_NAME, PASSTHROUGH, REFERENCE, REFERENCE_NAME,
     ObjectMetadata)
-from dgproxy.streams import CHUNK, BodyTooLarge, FileSource, HashingSource, drain
+from dgproxy.streams import (
+    CHUNK, SOCKET_CHUNK, BodyTooLarge, FileSource, HashingSource, drain)
 
 log = Logger(namespace="dgproxy.engine")
 
@@ -383,7 +384,7 @@ class ObjectStore:
             feeding = defer.ensureDeferred(tail.feed(run)) if tail is not None else None
             try:
                 while True:
-                    chunk = await source.read(CHUNK)
+                    chunk = await source.read(SOCKET_CHUNK)
                     if not chunk:
                         break
                     if source.size > (limit or self.max_object_size):

@@ -29,7 +29,7 @@ from zope.interface import implementer
 
 from dgproxy.storage.interface import IBackend, IObjectWriter, StorageError
 from dgproxy.storage.metadata import DELTA, ObjectMetadata
-from dgproxy.streams import CHUNK, PUMP_CHUNK
+from dgproxy.streams import CHUNK, SOCKET_CHUNK
 
 log = Logger(namespace="dgproxy.encryption")
 
@@ -305,9 +305,9 @@ class _PrefixedSource:
 async def _peek(source) -> bytes:
     """The source's first chunk, as large as it comes (no cutting and copying),
     and at least long enough to hold the magic unless the blob is shorter."""
-    first = await source.read(PUMP_CHUNK)
+    first = await source.read(SOCKET_CHUNK)
     while first and len(first) < len(MAGIC):
-        more = await source.read(PUMP_CHUNK)
+        more = await source.read(SOCKET_CHUNK)
         if not more:
             break
         first += more
