@@ -100,6 +100,8 @@ class Config:
     backend_secret_access_key: Optional[str] = None
     spool_dir: Optional[str] = None
     drain_timeout_secs: int = 30
+    s3_connect_timeout_secs: int = 10
+    s3_read_timeout_secs: int = 60
     virtual_host_domains: tuple[str, ...] = ("localhost",)
     named_backends: tuple[BackendConfig, ...] = ()
     backend_encryption: Mapping[str, Any] = field(default_factory=dict)
@@ -213,6 +215,8 @@ _ENV = {
     "DGP_BE_AWS_SECRET_ACCESS_KEY": ("backend_secret_access_key", str),
     "DGP_SPOOL_DIR": ("spool_dir", str),
     "DGP_DRAIN_TIMEOUT_SECS": ("drain_timeout_secs", int),
+    "DGP_S3_CONNECT_TIMEOUT_SECS": ("s3_connect_timeout_secs", int),
+    "DGP_S3_READ_TIMEOUT_SECS": ("s3_read_timeout_secs", int),
     "DGP_VIRTUAL_HOST_DOMAINS": ("virtual_host_domains", "list"),
 }
 
@@ -493,7 +497,9 @@ def _validated(cfg: Config) -> Config:
         raise ConfigError("max_delta_ratio", cfg.source, "must be between 0.0 and 1.0")
     for name, value in (("clock_skew_seconds", cfg.clock_skew_seconds),
                         ("codec_concurrency", cfg.codec_concurrency),
-                        ("cache_mb", cfg.cache_mb)):
+                        ("cache_mb", cfg.cache_mb),
+                        ("DGP_S3_CONNECT_TIMEOUT_SECS", cfg.s3_connect_timeout_secs),
+                        ("DGP_S3_READ_TIMEOUT_SECS", cfg.s3_read_timeout_secs)):
         if value < 1:
             raise ConfigError(name, cfg.source, "must be at least 1")
     return cfg

@@ -207,9 +207,11 @@ def build_backends(config: Config, spool: Spool):
         else:
             client = S3Client(reactor, bc.name, bc.endpoint or "https://s3.amazonaws.com",
                               bc.region, bc.access_key_id, bc.secret_access_key,
-                              bc.force_path_style)
+                              bc.force_path_style,
+                              connect_timeout=config.s3_connect_timeout_secs,
+                              read_timeout=config.s3_read_timeout_secs)
             try:
-                probe_blocking(client)
+                probe_blocking(client, timeout=client.connect_timeout)
             except StorageError as e:
                 raise Fatal(f"S3 backend '{bc.name}' at {client.endpoint} failed its start-up "
                             f"check: {e}") from None

@@ -68,29 +68,66 @@ class UpstreamBodyFailed(Exception):
 
 
 class _StreamProtocol(Protocol):
-    """Feeds an upstream response body into a L{BodyStream}."""
+    """Feeds an upstream response body into a L{BodyStream}. A body that goes
+    silent for C{idle_timeout} seconds, while dgproxy is not itself holding
+    it back for a slow reader, is cut off: it fails the stream."""
 
-    def __init__(self):
+    def __init__(self, client: "S3Client"):
         self.stream: Optional[BodyStream] = None
+        self._client = client
+        self._timer = None
+        self.timed_out = False
 
     def connectionMade(self):
-        self.stream = BodyStream(self.transport.pauseProducing, self.transport.resumeProducing)
+        self.stream = BodyStream(self._pause, self._resume)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._client.read_timeout)
+        else:
+            self._timer = self._client.reactor.callLater(self._client.read_timeout, self._silent)
+
+    def _disarm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _pause(self) -> None:
+        self._disarm()
+        self.transport.pauseProducing()
+
+    def _resume(self) -> None:
+        self.transport.resumeProducing()
+        if not self.stream.finished:
+            self._arm()
+
+    def _silent(self) -> None:
+        self._timer = None
+        self.timed_out = True
+        log.error("S3 backend '{backend}' sent no byte of a response body for {seconds} s; "
+                  "giving up on it", backend=self._client.name, seconds=self._client.read_timeout)
+        self.transport.stopProducing()
 
     def dataReceived(self, data: bytes):
+        if self._timer is not None:
+            self._arm()
         self.stream.feed(data)
 
     def connectionLost(self, reason):
+        self._disarm()
         if reason.check(ResponseDone, PotentialDataLoss):
             self.stream.finish()
         else:
-            self.stream.fail(UpstreamBodyFailed(f"upstream body failed: {reason.value}"))
+            why = "went silent" if self.timed_out else f"failed: {reason.value}"
+            self.stream.fail(UpstreamBodyFailed(f"upstream body {why}"))
 
 
 class _ResponseSource:
     """An L{IByteSource} over an upstream response body."""
 
-    def __init__(self, response):
-        self._proto = _StreamProtocol()
+    def __init__(self, response, client: "S3Client"):
+        self._proto = _StreamProtocol(client)
         self._response = response
         response.deliverBody(self._proto)
 
@@ -539,11 +576,11 @@ class S3Backend:
             await self._fail(response, bucket)
         if not isinstance(response.length, int):
             # A chunked answer tells no size: fall back to HEAD + GET.
-            _ResponseSource(response).close()
+            _ResponseSource(response, self.client).close()
             stored = await self.stat(bucket, key)
             source = None if stored is None else await self.open_read(bucket, key)
             return None if source is None else (stored, source)
-        return self._stored(key, response), _ResponseSource(response)
+        return self._stored(key, response), _ResponseSource(response, self.client)
 
     async def stat(self, bucket: str, key: str) -> Optional[StoredObject]:
         response = await self.client.request("HEAD", bucket, key)
@@ -569,7 +606,7 @@ class S3Backend:
             return None
         if response.code not in (200, 206):
             await self._fail(response, bucket)
-        return _ResponseSource(response)
+        return _ResponseSource(response, self.client)
 
     async def open_write(self, bucket: str, key: str, size: Optional[int] = None,
                          hint: Optional[ObjectMetadata] = None):

@@ -21,6 +21,7 @@ from botocore.config import Config as BotoConfig
 from twisted.trial import unittest
 
 from tests.e2e.harness import ACCESS_KEY, SECRET_KEY, ProxyProcess
+from tests.e2e.test_native_sse import FakeS3
 from tests.e2e.test_routing import routing_yaml
 from tests.e2e.test_s3_backend import (
     ClassFixture, WeedServer, etag, list_all, random_bytes, s3_error, stored_objects,
@@ -193,3 +194,35 @@ class BackendOutageTests(ClassFixture, unittest.TestCase):
         self.assertIn("rel/app-3.tar.delta", stored)
         self.assertLess(stored["rel/app-3.tar.delta"], len(tars[2]) // 10)
         self.assertIn("fresh/reference.bin", stored)
+
+
+class SilentBackendTests(unittest.TestCase):
+    """A backend that stops sending in the middle of a response body (no
+    reset, no close: a network partition) is given up on after
+    DGP_S3_READ_TIMEOUT_SECS, and the client's connection is cut."""
+
+    def setUp(self):
+        self.fake = FakeS3().start()
+        self.addCleanup(self.fake.stop)
+        self.proxy = ProxyProcess(env={
+            "DGP_S3_ENDPOINT": self.fake.endpoint, "DGP_S3_REGION": "us-east-1",
+            "DGP_BE_AWS_ACCESS_KEY_ID": "AKIDFAKEUPSTREAM0001",
+            "DGP_BE_AWS_SECRET_ACCESS_KEY": "fake-upstream-secret",
+            "DGP_S3_READ_TIMEOUT_SECS": "2"})
+        self.addCleanup(self.proxy.cleanup)
+        self.proxy.start()
+
+    def test_silent_body_is_cut_after_the_read_timeout(self):
+        s3 = self.proxy.client()
+        s3.create_bucket(Bucket="quiet")
+        body = random_bytes(4 * 1024 * 1024, seed=11)
+        s3.put_object(Bucket="quiet", Key="half.dat", Body=body)
+        self.fake.stalls["half.dat"] = 20
+        started = time.monotonic()
+        with self.assertRaises(Exception):  # a short read or a reset, not a hang
+            s3.get_object(Bucket="quiet", Key="half.dat")["Body"].read()
+        self.assertLess(time.monotonic() - started, 12)
+        self.assertIn("sent no byte of a response body for 2 s", self.proxy.log())
+        del self.fake.stalls["half.dat"]
+        self.assertEqual(s3.get_object(Bucket="quiet", Key="half.dat")["Body"].read(), body)
+

@@ -109,6 +109,13 @@ class _Handler(BaseHTTPRequestHandler):
         if "Content-Length" not in out_headers:
             self.send_header("Content-Length", str(len(out_body)))
         self.end_headers()
+        stall = fake.stalls.get(key) if self.command == "GET" else None
+        if stall is not None:  # half the body, then silence
+            self.wfile.write(out_body[:len(out_body) // 2])
+            self.wfile.flush()
+            time.sleep(stall)
+            self.close_connection = True
+            return
         if self.command != "HEAD":
             try:
                 self.wfile.write(out_body)
@@ -138,6 +145,7 @@ class FakeS3:
         self.lock = threading.Lock()
         self.requests: list[Recorded] = []
         self.buckets: dict[str, dict[str, _Stored]] = {}
+        self.stalls: dict[str, float] = {}  # key -> seconds a GET of it goes silent halfway
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.server.daemon_threads = True
         self.server.fake = self

@@ -318,6 +318,8 @@ class EnvironmentTests(unittest.TestCase):
             ("DGP_BE_AWS_ACCESS_KEY_ID", "BEKEY", "backend_access_key_id", "BEKEY"),
             ("DGP_BE_AWS_SECRET_ACCESS_KEY", "besecret", "backend_secret_access_key", "besecret"),
             ("DGP_DATA_DIR", "/var/lib/dg", "data_dir", "/var/lib/dg"),
+            ("DGP_S3_CONNECT_TIMEOUT_SECS", "3", "s3_connect_timeout_secs", 3),
+            ("DGP_S3_READ_TIMEOUT_SECS", "120", "s3_read_timeout_secs", 120),
         ]
         for var, value, fieldname, expected in cases:
             cfg = from_mapping({}, "<defaults>", {var: value})
@@ -407,6 +409,14 @@ class ValidationTests(unittest.TestCase):
             e = self.assertRaises(ConfigError, from_mapping, {}, "f.yaml",
                                   {"DGP_LISTEN_ADDR": value})
             self.assertIn("listen_addr", e.key.lower())
+
+    def test_s3_timeouts_default_and_must_be_positive(self):
+        cfg = from_mapping({}, "f", {})
+        self.assertEqual((cfg.s3_connect_timeout_secs, cfg.s3_read_timeout_secs), (10, 60))
+        for var in ("DGP_S3_CONNECT_TIMEOUT_SECS", "DGP_S3_READ_TIMEOUT_SECS"):
+            for value in ("0", "-5", "soon", "1.5"):
+                e = self.assertRaises(ConfigError, from_mapping, {}, "f", {var: value})
+                self.assertIn(var, str(e))
 
     def test_listen_addr_with_non_ascii_digits(self):
         # str.isdigit() accepts '²', which int() then rejects with a raw ValueError.
