@@ -383,7 +383,12 @@ class FilesystemBackend:
             return objects, prefixes
         rel_start = "/".join(parts)
         if delimiter == "/":
-            for entry in os.scandir(start):
+            try:
+                entries = list(os.scandir(start))
+            except (FileNotFoundError, NotADirectoryError):
+                # Its last object was deleted (and the directory pruned) just now.
+                return objects, prefixes
+            for entry in entries:
                 key = f"{rel_start}/{entry.name}" if rel_start else entry.name
                 if not key.startswith(prefix):
                     continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 from twisted.internet import defer
 from twisted.trial import unittest
@@ -432,6 +433,21 @@ class ListTests(FilesystemTestCase):
         for prefix in ("../", "dir/../", "../../etc/"):
             self.assertEqual(await self.keys(prefix, "/"), ([], []))
             self.assertEqual(await self.keys(prefix), ([], []))
+
+
+    def test_directory_pruned_during_a_delimited_listing(self):
+        """A concurrent DELETE can remove a directory's last object (and the
+        directory) between the listing's check and its scan: nothing is there."""
+        gone = os.path.join(self.objects_dir(), "dir", "sub")
+        real_scandir = os.scandir
+
+        def scandir_after_prune(path):
+            if path == gone:
+                shutil.rmtree(gone)
+            return real_scandir(path)
+
+        self.patch(os, "scandir", scandir_after_prune)
+        self.assertEqual(self.backend._list("b", "dir/sub/", "/"), ([], []))
 
 
 class TempNameCollisionTests(FilesystemTestCase):
