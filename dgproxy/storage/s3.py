@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from datetime import datetime, timezone
-from typing import Optional
+from typing import Callable, Optional
 from urllib.parse import quote
 
 import treq
@@ -247,21 +247,46 @@ class S3Client:
         return {k: [v] for k, v in req.headers.items()}
 
     def _send(self, method: str, url: str, headers: dict, body=None,
-              timeout: Optional[float] = None) -> defer.Deferred:
+              timeout: Optional[float] = None,
+              progress: Optional[Callable[[], int]] = None) -> defer.Deferred:
         """One signed request on the pooled Agent; fires with the response
-        once its headers arrived (cancelled after C{timeout} seconds)."""
+        once its headers arrived. It is cancelled after C{timeout} seconds,
+        or, with C{progress} (how much of the body has gone), once that has
+        not moved for C{timeout} seconds: an upload may take long, but it
+        may not stall."""
         d = self.agent.request(method.encode("ascii"), url.encode("ascii"),
                                Headers(self._signed_headers(method, url, headers)), body)
-        if timeout is not None:
+        if timeout is None:
+            return d
+        if progress is None:
             timer = self.reactor.callLater(timeout, d.cancel)
 
-            def settled(result):
+            def stop():
                 if timer.active():
                     timer.cancel()
-                return result
+        else:
+            seen = [progress(), self.reactor.seconds()]
 
-            d.addBoth(settled)
-        return d
+            def check():
+                now, moved = self.reactor.seconds(), progress()
+                if moved != seen[0]:
+                    seen[0], seen[1] = moved, now
+                elif now - seen[1] >= timeout:
+                    d.cancel()
+
+            watchdog = task.LoopingCall(check)
+            watchdog.clock = self.reactor
+            watchdog.start(timeout / 4, now=False)
+
+            def stop():
+                if watchdog.running:
+                    watchdog.stop()
+
+        def settled(result):
+            stop()
+            return result
+
+        return d.addBoth(settled)
 
     async def request(self, method: str, bucket: Optional[str], key: Optional[str] = None,
                       query: Optional[dict] = None, headers: Optional[dict] = None,
@@ -275,16 +300,17 @@ class S3Client:
         attempts = self.retries if idempotent else 1
         delay = 0.2
         for attempt in range(1, attempts + 1):
-            data = None
+            data = progress = None
             hdrs = dict(headers or {})
             if body_path is not None:
                 f = open(body_path, "rb")
-                hdrs["Content-Length"] = str(os.fstat(f.fileno()).st_size)
+                size = os.fstat(f.fileno()).st_size
+                hdrs["Content-Length"] = str(size)
                 data = FileBodyProducer(f, readSize=256 * 1024)
+                progress = _sent_of(f, size)
             try:
-                response = await self._send(
-                    method, url, hdrs, data,
-                    timeout=self.read_timeout if body_path is None else None)
+                response = await self._send(method, url, hdrs, data, timeout=self.read_timeout,
+                                            progress=progress)
             except (net_error.ConnectError, net_error.ConnectionLost, net_error.TimeoutError,
                     defer.CancelledError, net_error.DNSLookupError,
                     ResponseNeverReceived, RequestTransmissionFailed) as e:
@@ -330,6 +356,12 @@ class S3Client:
         except Exception:
             pass
         return UpstreamError(response.code, code, message)
+
+
+def _sent_of(f, size: int) -> Callable[[], int]:
+    """How much of a file a L{FileBodyProducer} has sent (it closes the file
+    once it has read all of it)."""
+    return lambda: size if f.closed else f.tell()
 
 
 def _reason(error: BaseException) -> str:
@@ -397,6 +429,7 @@ class _StreamingWriter:
         self._sent = 0
         self._held = b""
         self._answered = False
+        self._gave_up = False
 
         def answered(result):
             self._answered = True
@@ -413,17 +446,31 @@ class _StreamingWriter:
         return defer.ensureDeferred(self._body.write(held)) if held else defer.succeed(None)
 
     async def commit(self, metadata: ObjectMetadata, exclusive: bool = False) -> str:
-        """Fires with the upstream ETag (the service's MD5 of what it stored)."""
+        """Fires with the upstream ETag (the service's MD5 of what it stored).
+        The last chunk must be taken and the answer must come within the
+        client's read timeout."""
         if exclusive:
             raise ValueError("a streaming upload cannot be exclusive")
-        if self._held:
-            await self.write(b"")
-        self._done = True
-        if self._sent != self._body.length:
-            self._response.cancel()
-            raise BackendUnavailable(self._backend.name, "body length differs from the one sent")
-        self._body.end()
-        response = await self._response
+        client = self._backend.client
+        timer = client.reactor.callLater(client.read_timeout, self._give_up)
+        try:
+            if self._held:
+                await self.write(b"")
+            self._done = True
+            if self._sent != self._body.length:
+                self._response.cancel()
+                raise BackendUnavailable(self._backend.name,
+                                         "body length differs from the one sent")
+            self._body.end()
+            response = await self._response
+        except Exception:
+            if not self._gave_up:
+                raise
+            raise BackendUnavailable(self._backend.name, f"no answer to an upload within "
+                                     f"{client.read_timeout} s") from None
+        finally:
+            if timer.active():
+                timer.cancel()
         if response.code not in (200, 201):
             raise await self._backend.client.error_of(response)
         await treq.content(response)
@@ -432,6 +479,13 @@ class _StreamingWriter:
             await self._backend.discard(self._bucket, self._key)
             raise UpstreamError(500, "BadDigest", f"upstream stored {etag}, sent {metadata.md5}")
         return etag
+
+    def _give_up(self) -> None:
+        self._gave_up = True
+        log.error("S3 backend '{backend}' did not take or answer an upload within {seconds} s",
+                  backend=self._backend.name, seconds=self._backend.client.read_timeout)
+        self._body.stopProducing()
+        self._response.cancel()
 
     def abort(self) -> None:
         if not self._done:

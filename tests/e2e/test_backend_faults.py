@@ -226,3 +226,20 @@ class SilentBackendTests(unittest.TestCase):
         del self.fake.stalls["half.dat"]
         self.assertEqual(s3.get_object(Bucket="quiet", Key="half.dat")["Body"].read(), body)
 
+    def test_upload_that_is_never_answered_gets_a_503(self):
+        s3 = self.proxy.client()
+        s3.create_bucket(Bucket="mute")
+        # A .dat of known length streams upstream; the first .zip (a delta
+        # candidate) is spooled and its reference sent as a file: both wait for
+        # the answer at most 2 s (the file is retried, as whole-file PUTs are).
+        for key, stored, deadline in (("mute.dat", "mute.dat", 10),
+                                      ("first.zip", "reference.bin", 20)):
+            self.fake.hangs[stored] = 30
+            started = time.monotonic()
+            status, code = s3_error(s3.put_object, Bucket="mute", Key=key, Body=b"x" * 100_000)
+            self.assertEqual(status, 503, (key, code))
+            self.assertLess(time.monotonic() - started, deadline, key)
+        log = self.proxy.log()
+        self.assertIn("did not take or answer an upload within 2 s", log)
+        self.assertIn("unreachable", log)
+

@@ -97,6 +97,8 @@ class _Handler(BaseHTTPRequestHandler):
         bucket = unquote(parts[0]) or None
         key = unquote(parts[1]) if len(parts) > 1 and parts[1] != "" else None
         body = self._body()
+        if self.command == "PUT" and key in fake.hangs:  # took the body, then silence
+            time.sleep(fake.hangs[key])
         headers = {k.lower(): v for k, v in self.headers.items()}
         with fake.lock:
             fake.requests.append(Recorded(self.command, bucket, key, query, headers,
@@ -146,6 +148,7 @@ class FakeS3:
         self.requests: list[Recorded] = []
         self.buckets: dict[str, dict[str, _Stored]] = {}
         self.stalls: dict[str, float] = {}  # key -> seconds a GET of it goes silent halfway
+        self.hangs: dict[str, float] = {}  # key -> seconds a PUT of it waits before answering
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.server.daemon_threads = True
         self.server.fake = self

@@ -7,9 +7,10 @@ can never complete upstream, however the client's bytes were split."""
 
 from datetime import datetime, timezone
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.trial import unittest
 
+from dgproxy.storage.interface import BackendUnavailable
 from dgproxy.storage.s3 import _PushBody, _StreamingWriter
 from dgproxy.storage.metadata import ObjectMetadata
 
@@ -22,8 +23,18 @@ class _Consumer:
         self.data.append(data)
 
 
+class _Client:
+    read_timeout = 30
+
+    def __init__(self):
+        self.reactor = task.Clock()
+
+
 class _Backend:
     name = "fake"
+
+    def __init__(self):
+        self.client = _Client()
 
 
 class StreamingWriterTests(unittest.TestCase):
@@ -32,7 +43,8 @@ class StreamingWriterTests(unittest.TestCase):
         consumer = _Consumer()
         body.startProducing(consumer)
         response = defer.Deferred()
-        return _StreamingWriter(_Backend(), "bkt", "k", body, response), consumer, response
+        self.backend = _Backend()
+        return _StreamingWriter(self.backend, "bkt", "k", body, response), consumer, response
 
     def test_last_chunk_is_held_until_commit(self):
         writer, consumer, response = self.make(9)
@@ -65,6 +77,15 @@ class StreamingWriterTests(unittest.TestCase):
         self.assertEqual(b"".join(consumer.data), b"abcdef")
         response.callback(answer)
         self.assertEqual(self.successResultOf(d), "0123456789abcdef0123456789abcdef")
+
+    def test_an_upstream_that_never_answers_is_given_up(self):
+        writer, consumer, response = self.make(6)
+        self.successResultOf(writer.write(b"abc"))
+        self.successResultOf(writer.write(b"def"))
+        d = defer.ensureDeferred(writer.commit(_meta()))
+        self.assertNoResult(d)
+        self.backend.client.reactor.advance(30)
+        self.failureResultOf(d, BackendUnavailable)
 
 
 def _meta() -> ObjectMetadata:
