@@ -51,10 +51,11 @@ class ReencryptTests(unittest.TestCase):
                                proxy.endpoint, "--interval", "0.2", *buckets],
                               env=env, capture_output=True, text=True, timeout=120)
 
-    def fill(self, proxy: ProxyProcess, bucket: str, n: int) -> dict[str, bytes]:
+    def fill(self, proxy: ProxyProcess, bucket: str, n: int,
+             size: int = 1000) -> dict[str, bytes]:
         s3 = proxy.client()
         s3.create_bucket(Bucket=bucket)
-        objects = {f"k/{i:04d}.dat": os.urandom(1000 + i) for i in range(n)}
+        objects = {f"k/{i:04d}.dat": os.urandom(size + i) for i in range(n)}
         for key, body in objects.items():
             s3.put_object(Bucket=bucket, Key=key, Body=body)
         return objects
@@ -92,7 +93,9 @@ class ReencryptTests(unittest.TestCase):
 
     def test_writes_wait_while_the_job_runs_and_a_killed_job_resumes(self):
         first = self.start(config(KEY_A, "ka"))
-        objects = self.fill(first, "big", 400)
+        # Enough bytes that the job runs for a while on a fast disk: the test
+        # must get a write in while it runs, and kill it before it ends.
+        objects = self.fill(first, "big", 400, size=128 * 1024)
         data_dir = first.data_dir
         first.stop()
         proxy = ProxyProcess(config_yaml=config(KEY_B, "kb", (KEY_A, "ka")), data_dir=data_dir,
