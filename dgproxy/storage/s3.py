@@ -438,12 +438,29 @@ class _StreamingWriter:
         response.addBoth(answered)
 
     def write(self, data: bytes) -> defer.Deferred:
+        if self._gave_up:
+            seconds = self._backend.client.read_timeout
+            return defer.fail(BackendUnavailable(self._backend.name,
+                                                 f"the upload stopped moving for {seconds} s"))
         if self._answered:
             return defer.fail(BackendUnavailable(self._backend.name,
                                                  "upstream answered before the body ended"))
         held, self._held = self._held, data
         self._sent += len(held)
-        return defer.ensureDeferred(self._body.write(held)) if held else defer.succeed(None)
+        if not held:
+            return defer.succeed(None)
+        d = defer.ensureDeferred(self._body.write(held))
+        if not d.called:  # the service is not taking bytes: it has the read timeout
+            client = self._backend.client
+            timer = client.reactor.callLater(client.read_timeout, self._give_up)
+
+            def taken(result):
+                if timer.active():
+                    timer.cancel()
+                return result
+
+            d.addBoth(taken)
+        return d
 
     async def commit(self, metadata: ObjectMetadata, exclusive: bool = False) -> str:
         """Fires with the upstream ETag (the service's MD5 of what it stored).
@@ -481,6 +498,8 @@ class _StreamingWriter:
         return etag
 
     def _give_up(self) -> None:
+        if self._gave_up:
+            return
         self._gave_up = True
         log.error("S3 backend '{backend}' did not take or answer an upload within {seconds} s",
                   backend=self._backend.name, seconds=self._backend.client.read_timeout)

@@ -18,6 +18,7 @@ from typing import Optional
 
 import boto3
 from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError
 from twisted.trial import unittest
 
 from tests.e2e.harness import ACCESS_KEY, SECRET_KEY, ProxyProcess
@@ -242,4 +243,21 @@ class SilentBackendTests(unittest.TestCase):
         log = self.proxy.log()
         self.assertIn("did not take or answer an upload within 2 s", log)
         self.assertIn("unreachable", log)
+
+    def test_upload_the_backend_stops_reading_is_given_up(self):
+        s3 = self.proxy.client()
+        s3.create_bucket(Bucket="stuck")
+        self.fake.stops["big.dat"] = 30
+        started = time.monotonic()
+        try:
+            s3.put_object(Bucket="stuck", Key="big.dat", Body=random_bytes(32 * 1024 * 1024, 3))
+        except ClientError as e:  # the 503, if the client reads it before the close
+            self.assertEqual(e.response["ResponseMetadata"]["HTTPStatusCode"], 503)
+        except (BotoCoreError, OSError):  # or the connection cut while it still sent
+            pass
+        else:
+            self.fail("the upload succeeded")
+        self.assertLess(time.monotonic() - started, 15)
+        self.assertIn("did not take or answer an upload within 2 s", self.proxy.log())
+        self.assertNotIn("big.dat", self.fake.stored("stuck"))
 

@@ -96,6 +96,11 @@ class _Handler(BaseHTTPRequestHandler):
         parts = url.path.lstrip("/").split("/", 1)
         bucket = unquote(parts[0]) or None
         key = unquote(parts[1]) if len(parts) > 1 and parts[1] != "" else None
+        if self.command == "PUT" and key in fake.stops:  # take a little, then stop reading
+            self.rfile.read(64 * 1024)
+            time.sleep(fake.stops[key])
+            self.close_connection = True
+            return
         body = self._body()
         if self.command == "PUT" and key in fake.hangs:  # took the body, then silence
             time.sleep(fake.hangs[key])
@@ -149,6 +154,7 @@ class FakeS3:
         self.buckets: dict[str, dict[str, _Stored]] = {}
         self.stalls: dict[str, float] = {}  # key -> seconds a GET of it goes silent halfway
         self.hangs: dict[str, float] = {}  # key -> seconds a PUT of it waits before answering
+        self.stops: dict[str, float] = {}  # key -> seconds a PUT of it stops reading its body
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.server.daemon_threads = True
         self.server.fake = self

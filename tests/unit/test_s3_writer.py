@@ -88,6 +88,20 @@ class StreamingWriterTests(unittest.TestCase):
         self.failureResultOf(d, BackendUnavailable)
 
 
+    def test_an_upstream_that_stops_taking_the_body_is_given_up(self):
+        writer, consumer, response = self.make(9)
+        self.successResultOf(writer.write(b"abc"))
+        writer._body.pauseProducing()  # the connection to the service is full
+        d = writer.write(b"def")  # sends the held b"abc", then waits
+        self.assertNoResult(d)
+        self.backend.client.reactor.advance(29)
+        self.assertNoResult(d)
+        self.backend.client.reactor.advance(1)
+        self.successResultOf(d)  # released: the writer gave up
+        self.failureResultOf(writer.write(b"ghi"), BackendUnavailable)
+        self.assertTrue(response.called)  # the upstream request is cancelled
+        response.addErrback(lambda f: None)
+
 def _meta() -> ObjectMetadata:
     return ObjectMetadata(tool="test", original_name="k", file_sha256="", file_size=6, md5="",
                           created_at=datetime.now(timezone.utc))
