@@ -101,11 +101,14 @@ class ReencryptTests(unittest.TestCase):
         proxy = ProxyProcess(config_yaml=config(KEY_B, "kb", (KEY_A, "ka")), data_dir=data_dir,
                              env={"DGP_LOG_LEVEL": "info"}).start()
         self.addCleanup(proxy.cleanup)
+        # A client made and used before the job starts: a new boto3 client's
+        # first request loads its service model, which can outlast the job.
+        s3 = proxy.client()
+        s3.head_bucket(Bucket="big")
         env = dict(os.environ, DGP_ACCESS_KEY_ID=ACCESS_KEY, DGP_SECRET_ACCESS_KEY=SECRET_KEY)
         subprocess.Popen([os.path.join(VENV_BIN, "dgproxy"), "reencrypt", "--endpoint",
                           proxy.endpoint, "big"], env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
-        s3 = proxy.client()
         deadline = time.monotonic() + 20
         refused = None
         while time.monotonic() < deadline and refused is None:
