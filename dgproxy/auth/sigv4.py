@@ -19,12 +19,12 @@ import hmac
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from email.utils import parsedate_to_datetime
 from typing import Callable, Mapping, Optional
 from urllib.parse import quote, unquote_to_bytes
 
 from dgproxy.s3.errors import (
     AccessDenied, InvalidArgument, RequestTimeTooSkewed, S3Error)
+from dgproxy.wire import parse_http_date
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
@@ -218,15 +218,9 @@ def _request_time(req: SignedRequest) -> tuple[str, datetime]:
     if date is None:
         raise AuthFailure("missing_header", AccessDenied(
             "AWS authentication requires a valid Date or x-amz-date header"))
-    try:
-        when = parsedate_to_datetime(date)
-    except (TypeError, ValueError):
-        when = None
+    when = parse_http_date(date)
     if when is None:
         raise AuthFailure("missing_header", InvalidArgument(f"Invalid Date header: {date}"))
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    when = when.astimezone(timezone.utc)
     return when.strftime(AMZ_DATE_FORMAT), when
 
 

@@ -6,6 +6,8 @@ process, so blocking client calls (boto3, the aws CLI) are fine here.
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import itertools
 import os
 import shutil
@@ -174,3 +176,26 @@ class ProxyProcess:
             if target.startswith("/") and not target.startswith(("/dev/", "/proc/")):
                 paths.append(target)
         return paths
+
+
+class SharedProxy:
+    """One server for a test module (trial has no setUpClass): C{get()} starts
+    it on first use, and starts a fresh one if a test killed it."""
+
+    def __init__(self):
+        self._proxy: Optional[ProxyProcess] = None
+
+    def get(self) -> ProxyProcess:
+        proxy = self._proxy
+        if proxy is not None and (proxy.proc is None or proxy.proc.poll() is not None):
+            proxy = None  # its log was reported by the test that saw it die
+        if proxy is None:
+            proxy = self._proxy = ProxyProcess().start()
+            atexit.register(proxy.cleanup)
+        return proxy
+
+
+def md5_etag(data: bytes) -> str:
+    """An S3 ETag as the response header carries it (quoted MD5)."""
+    return '"%s"' % hashlib.md5(data).hexdigest()
+

@@ -8,34 +8,16 @@ test only needs to exist are made with boto3, which is faster than the CLI.
 
 from __future__ import annotations
 
-import atexit
-import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
 
 from botocore.exceptions import ClientError
 from twisted.trial import unittest
 
-from tests.e2e.harness import LiveProxyCase, ProxyProcess
+from tests.e2e.harness import LiveProxyCase, SharedProxy, md5_etag
 
-_proxy: Optional[ProxyProcess] = None
-
-
-def shared_proxy() -> ProxyProcess:
-    """The module's server (trial has no setUpClass); a fresh one if it died."""
-    global _proxy
-    if _proxy is not None and (_proxy.proc is None or _proxy.proc.poll() is not None):
-        _proxy = None
-    if _proxy is None:
-        _proxy = ProxyProcess().start()
-        atexit.register(_proxy.cleanup)
-    return _proxy
-
-
-def md5_etag(data: bytes) -> str:
-    return '"%s"' % hashlib.md5(data).hexdigest()
+shared_proxy = SharedProxy().get
 
 
 def write(path: str, data: bytes) -> str:

@@ -16,12 +16,10 @@ import socket
 import time
 from typing import Optional
 
-import boto3
-from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 from twisted.trial import unittest
 
-from tests.e2e.harness import ACCESS_KEY, SECRET_KEY, ProxyProcess
+from tests.e2e.harness import ProxyProcess
 from tests.e2e.test_native_sse import FakeS3
 from tests.e2e.test_routing import routing_yaml
 from tests.e2e.test_s3_backend import (
@@ -45,11 +43,7 @@ class BackendOutageTests(ClassFixture, unittest.TestCase):
         with open(cls.proxy.config_path, "w") as f:
             f.write(routing_yaml(os.path.join(cls.proxy.workdir, "fsdata"), cls.weed.endpoint))
         cls.proxy.start()
-        # One attempt per call: botocore's legacy max_attempts=1 still retries a 503 once.
-        cls.s3 = boto3.session.Session().client(
-            "s3", endpoint_url=cls.proxy.endpoint, aws_access_key_id=ACCESS_KEY,
-            aws_secret_access_key=SECRET_KEY, region_name="us-east-1",
-            config=BotoConfig(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1}))
+        cls.s3 = cls.proxy.client()  # one attempt per call: a 503 is not retried
         cls.s3.create_bucket(Bucket="remote")
         cls.s3.create_bucket(Bucket="localbkt")
 
@@ -82,10 +76,7 @@ class BackendOutageTests(ClassFixture, unittest.TestCase):
         self.wait_until_writable("real-remote")
         size = 64 * 1024 * 1024
         self.s3.put_object(Bucket="remote", Key="big/cut.dat", Body=random_bytes(size, seed=9))
-        presigner = boto3.session.Session().client(
-            "s3", endpoint_url=self.proxy.endpoint, aws_access_key_id=ACCESS_KEY,
-            aws_secret_access_key=SECRET_KEY, region_name="us-east-1",
-            config=BotoConfig(signature_version="s3v4", s3={"addressing_style": "path"}))
+        presigner = self.proxy.client(signature_version="s3v4")
         url = presigner.generate_presigned_url("get_object", ExpiresIn=300,
                                                Params={"Bucket": "remote", "Key": "big/cut.dat"})
         path = url[len(self.proxy.endpoint):]

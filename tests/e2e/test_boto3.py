@@ -7,7 +7,6 @@ use and stopped at interpreter exit; every test works in its own bucket.
 
 from __future__ import annotations
 
-import atexit
 import base64
 import hashlib
 import http.client
@@ -23,24 +22,10 @@ from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 from twisted.trial import unittest
 
-from tests.e2e.harness import LiveProxyCase, ACCESS_KEY, SECRET_KEY, ProxyProcess
+from tests.e2e.harness import (
+    ACCESS_KEY, SECRET_KEY, LiveProxyCase, SharedProxy, md5_etag)
 
-_proxy: Optional[ProxyProcess] = None
-
-
-def shared_proxy() -> ProxyProcess:
-    """The module's server; a fresh one if a previous test killed it."""
-    global _proxy
-    if _proxy is not None and (_proxy.proc is None or _proxy.proc.poll() is not None):
-        _proxy = None  # its log was reported by the test that saw it die
-    if _proxy is None:
-        _proxy = ProxyProcess().start()
-        atexit.register(_proxy.cleanup)
-    return _proxy
-
-
-def md5_etag(data: bytes) -> str:
-    return '"%s"' % hashlib.md5(data).hexdigest()
+shared_proxy = SharedProxy().get
 
 
 # Keys a user may well have; each must survive PUT, GET, HEAD, LIST, COPY, DELETE.
