@@ -13,7 +13,7 @@ import sys
 from typing import Optional
 
 from twisted.application import internet, service
-from twisted.internet import defer, reactor, task, tcp
+from twisted.internet import defer, reactor, task
 from twisted.logger import ILogObserver, Logger
 
 from dgproxy import __version__
@@ -40,7 +40,7 @@ from dgproxy.storage.filesystem import FilesystemBackend, XattrUnsupported
 from dgproxy.storage.interface import StorageError
 from dgproxy.storage.routing import RoutingBackend
 from dgproxy.storage.s3 import S3Backend, S3Client, probe_blocking
-from dgproxy.streams import SOCKET_CHUNK
+from dgproxy.sockets import tune_tcp
 
 log = Logger(namespace="dgproxy")
 
@@ -242,7 +242,6 @@ def build_backends(config: Config, spool: Spool):
     return RoutingBackend(backends, default, routes), lines
 
 
-SOCKET_WRITE_SIZE = 1024 * 1024
 # glibc gives allocations above its mmap threshold pages of their own, and
 # frees them back at once; every 1 MiB socket read then costs 256 page faults
 # (measured: about a third of the CPU of a 1 MiB GET through the S3 backend).
@@ -265,12 +264,8 @@ def tune_allocator() -> bool:
 
 def build(config: Config) -> DrainingService:
     """Check the configuration and the environment, then build the service."""
-    # Twisted reads sockets 64 KiB at a time and sends 128 KiB per call; bodies
-    # here are large, and every read costs a trip through the stream
-    # machinery, so read and send up to 1 MiB at once.
     tune_allocator()
-    tcp.Connection.bufferSize = SOCKET_CHUNK
-    tcp.Connection.SEND_LIMIT = SOCKET_WRITE_SIZE
+    tune_tcp()
     if not config.open_access and not config.access_key_id:
         raise Fatal(NO_AUTH_MESSAGE)
     try:

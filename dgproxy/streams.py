@@ -19,6 +19,8 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from dgproxy.sockets import SOCKET_CHUNK
+
 CHUNK = 256 * 1024
 
 
@@ -350,10 +352,6 @@ class PauseGate:
         self.resumeProducing()
 
 
-# The most one socket read delivers (the service sets Twisted's read size to
-# it). Reading a body in pieces this large takes each chunk whole, without
-# cutting and copying it.
-SOCKET_CHUNK = 1024 * 1024
 
 
 class _IntoRequest:
