@@ -4,9 +4,10 @@ Starts an anonymous SeaweedFS (`weed mini`, no identity, so no signature is
 checked) and a bare Twisted relay in front of it that forwards the client's
 bytes and relays each response back, parsing nothing but Content-Length: no
 HTTP library, no SigV4 check, no upstream signing, no metadata, no log line.
-It has TCP_NODELAY and the same glibc malloc settings as dgproxy. Then it
-times 1 MiB GETs straight to SeaweedFS and through the relay, rounds
-alternating, and prints MB/s, the ratio and the relay's CPU per request.
+It has TCP_NODELAY and dgproxy's malloc and socket settings (1 MiB reads,
+write-through). Then it times 1 MiB GETs straight to SeaweedFS and through
+the relay, rounds alternating, and prints MB/s, the ratio and the relay's
+CPU per request.
 
     .venv/bin/python bench/relay_floor.py [requests per round] [rounds]
 """
@@ -27,10 +28,12 @@ import run as B  # noqa: E402  (the bench's process helpers and client)
 from s3client import S3Client  # noqa: E402
 
 RELAY = r'''
-import ctypes, sys
+import sys
 from twisted.internet import protocol, reactor
-ctypes.CDLL(None).mallopt(-3, 4 * 1024 * 1024)
-ctypes.CDLL(None).mallopt(-1, 32 * 1024 * 1024)
+from dgproxy.service import tune_allocator
+from dgproxy.sockets import tune_tcp
+tune_allocator()
+tune_tcp()
 UPSTREAM = int(sys.argv[2])
 
 class Up(protocol.Protocol):
