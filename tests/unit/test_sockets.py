@@ -7,10 +7,15 @@ writeSequence(), producers and full kernel buffers the sender goes through.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import random
 
-from twisted.internet import defer, protocol, reactor
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import defer, endpoints, protocol, reactor, ssl
 from twisted.internet.interfaces import IPullProducer, IPushProducer
 from twisted.trial import unittest
 from zope.interface import implementer
@@ -213,11 +218,57 @@ class WriteThroughTests(unittest.TestCase):
         self.assertFalse(pair.transport.connected)
         self.assertIsInstance(reason, Exception)
 
+    @inline
+    async def test_tls_over_a_write_through_socket(self):
+        """An HTTPS backend's connection: TLS records written through, in order,
+        across full buffers, and read back whole by a TLS server."""
+        cert_pem, key_pem = _self_signed("localhost")
+        server_options = ssl.PrivateCertificate.loadPEM(cert_pem + key_pem).options()
+        receiver = Receiver()
+        port = reactor.listenSSL(0, protocol.Factory.forProtocol(lambda: receiver),
+                                 server_options, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client_options = ssl.optionsForClientTLS(
+            "localhost", trustRoot=ssl.Certificate.loadPEM(cert_pem))
+        endpoint = endpoints.wrapClientTLS(client_options, endpoints.TCP4ClientEndpoint(
+            reactor, "127.0.0.1", port.getHost().port))
+        sender = Sender()
+        await endpoint.connect(protocol.Factory.forProtocol(lambda: sender))
+        self.addCleanup(lambda: sender.transport.abortConnection() or sender.lost)
+        rng = random.Random(9)
+        sent = hashlib.sha256()
+        total = 0
+        for _ in range(3):
+            receiver.transport.pauseProducing()
+            for piece in _pieces(rng, 6 << 20):
+                sender.transport.write(piece)
+                sent.update(piece)
+                total += len(piece)
+            receiver.transport.resumeProducing()
+            await receiver.until(total)
+        self.assertEqual(hashlib.sha256(receiver.got).hexdigest(), sent.hexdigest())
+
     def test_unicode_is_still_refused(self):
         from twisted.internet import tcp
         self.assertRaises(TypeError, tcp.Connection.write, object.__new__(tcp.Connection), "text")
         self.assertRaises(TypeError, tcp.Connection.writeSequence, object.__new__(tcp.Connection),
                           [b"ok", "text"])
+
+
+def _self_signed(name: str) -> tuple[bytes, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
 def _turn():
