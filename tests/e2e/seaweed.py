@@ -19,6 +19,8 @@ import time
 import boto3
 from botocore.config import Config as BotoConfig
 
+from tests.tls import server_cert
+
 VENV_BIN = os.path.dirname(os.path.abspath(sys.executable))
 WEED = shutil.which("weed", path=VENV_BIN) or shutil.which("weed")
 WEED_ACCESS_KEY = "weedtestaccesskey01"
@@ -48,14 +50,24 @@ def _free_weed_ports(n: int) -> list[int]:
 
 
 class Seaweed:
-    def __init__(self):
+    """With C{tls=True} S3 is also served over HTTPS at C{https_endpoint}, with a
+    certificate for localhost and 127.0.0.1 signed by the CA in C{ca_file}."""
+
+    def __init__(self, tls: bool = False):
         self.workdir = tempfile.mkdtemp(prefix="dgp-weed-")
         self.data_dir = os.path.join(self.workdir, "data")
         os.makedirs(self.data_dir)
         os.makedirs(os.path.join(self.workdir, "logs"))
         (self.port, self.master_port, self.volume_port, self.filer_port,
-         self.admin_port) = _free_weed_ports(5)
+         self.admin_port, https_port) = _free_weed_ports(6)
         self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.tls_args: list[str] = []
+        self.https_endpoint = self.ca_file = None
+        if tls:
+            self.ca_file, cert, key = server_cert().write(self.workdir)
+            self.https_endpoint = f"https://localhost:{https_port}"
+            self.tls_args = [f"-s3.port.https={https_port}", f"-s3.cert.file={cert}",
+                             f"-s3.key.file={key}"]
         self.proc = None
 
     def start(self, timeout: float = 90.0) -> "Seaweed":
@@ -69,7 +81,7 @@ class Seaweed:
                 f"-filer.port={self.filer_port}", f"-admin.port={self.admin_port}",
                 "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
                 "-master.telemetry=false", f"-filer.localSocket={self.workdir}/filer.sock",
-                f"-s3.localSocket={self.workdir}/s3.sock"]
+                f"-s3.localSocket={self.workdir}/s3.sock", *self.tls_args]
         self._log = open(os.path.join(self.workdir, "weed.out"), "ab")
         self.proc = subprocess.Popen(args, cwd=self.workdir, env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)

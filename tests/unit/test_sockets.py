@@ -7,20 +7,17 @@ writeSequence(), producers and full kernel buffers the sender goes through.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import random
+import socket
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet import defer, endpoints, protocol, reactor, ssl
 from twisted.internet.interfaces import IPullProducer, IPushProducer
 from twisted.trial import unittest
 from zope.interface import implementer
 
 from dgproxy.sockets import tune_tcp
+from tests.tls import server_cert
 from tests.unit.helpers import inline
 
 
@@ -29,8 +26,12 @@ class Receiver(protocol.Protocol):
 
     def __init__(self):
         self.got = bytearray()
+        self.made = defer.Deferred()
         self.closed = defer.Deferred()
         self.wanted = None  # (size, Deferred) fired once that many bytes arrived
+
+    def connectionMade(self):
+        self.made.callback(None)
 
     def dataReceived(self, data):
         self.got += data
@@ -72,7 +73,13 @@ class Pair:
         creator = protocol.ClientCreator(reactor, lambda: self.sender)
         await creator.connectTCP("127.0.0.1", self.port.getHost().port)
         await self.sender.connected_d
+        await self.receiver.made
         self.transport = self.sender.transport
+        # Small kernel buffers, so that a few megabytes fill them whatever
+        # the machine's autotuning limits are.
+        self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        self.receiver.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
+                                                       64 * 1024)
         test.addCleanup(self._close)
         return self
 
@@ -119,7 +126,7 @@ class WriteThroughTests(unittest.TestCase):
         total = 0
         for _ in range(8):
             pair.receiver.transport.pauseProducing()
-            pieces = _pieces(rng, rng.randint(4 << 20, 12 << 20))
+            pieces = _pieces(rng, rng.randint(2 << 20, 6 << 20))
             while pieces:
                 if rng.random() < 0.5:
                     group = [pieces.pop(0) for _ in range(min(len(pieces), rng.randint(1, 5)))]
@@ -222,18 +229,19 @@ class WriteThroughTests(unittest.TestCase):
     async def test_tls_over_a_write_through_socket(self):
         """An HTTPS backend's connection: TLS records written through, in order,
         across full buffers, and read back whole by a TLS server."""
-        cert_pem, key_pem = _self_signed("localhost")
-        server_options = ssl.PrivateCertificate.loadPEM(cert_pem + key_pem).options()
+        cert = server_cert()
+        server_options = ssl.PrivateCertificate.loadPEM(cert.cert_pem + cert.key_pem).options()
         receiver = Receiver()
         port = reactor.listenSSL(0, protocol.Factory.forProtocol(lambda: receiver),
                                  server_options, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         client_options = ssl.optionsForClientTLS(
-            "localhost", trustRoot=ssl.Certificate.loadPEM(cert_pem))
+            "localhost", trustRoot=ssl.Certificate.loadPEM(cert.ca_pem))
         endpoint = endpoints.wrapClientTLS(client_options, endpoints.TCP4ClientEndpoint(
             reactor, "127.0.0.1", port.getHost().port))
         sender = Sender()
         await endpoint.connect(protocol.Factory.forProtocol(lambda: sender))
+        await receiver.made
         self.addCleanup(lambda: sender.transport.abortConnection() or sender.lost)
         rng = random.Random(9)
         sent = hashlib.sha256()
@@ -253,22 +261,6 @@ class WriteThroughTests(unittest.TestCase):
         self.assertRaises(TypeError, tcp.Connection.write, object.__new__(tcp.Connection), "text")
         self.assertRaises(TypeError, tcp.Connection.writeSequence, object.__new__(tcp.Connection),
                           [b"ok", "text"])
-
-
-def _self_signed(name: str) -> tuple[bytes, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
 def _turn():
