@@ -4,6 +4,7 @@ A handler raises; it never formats. The HTTP edge catches L{S3Error} and
 calls L{render_error} once.
 """
 
+import re
 from xml.sax.saxutils import escape
 
 
@@ -75,6 +76,39 @@ ServiceUnavailable = _factory("ServiceUnavailable", 503, "Service is unable to h
 QuotaExceeded = _factory("QuotaExceeded", 403, "The bucket quota has been exceeded.")
 InternalError = _factory(
     "InternalError", 500, "We encountered an internal error. Please try again.")
+
+
+# Upstream answers that mean the service refused dgproxy's own credentials,
+# clock, account or KMS key (any "KMS.*" code): nothing the client could
+# change, so not passed on.
+_BACKEND_REFUSALS = frozenset({
+    "AccessDenied", "AccountProblem", "AllAccessDisabled", "AuthorizationHeaderMalformed",
+    "ExpiredToken", "InvalidAccessKeyId", "InvalidSecurity", "InvalidToken",
+    "RequestTimeTooSkewed", "SignatureDoesNotMatch", "TokenRefreshRequired"})
+_UPSTREAM_CODE = re.compile(r"[A-Za-z][A-Za-z0-9.]{0,63}")
+_UNPRINTABLE = re.compile(r"[^\t\x20-\x7e\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def from_upstream(status: int, code: str, message: str) -> S3Error:
+    """What the client is told when the S3 backend answered with an error.
+
+    A 503 (throttling) keeps its code so the client backs off as it would
+    against the service itself. Other 4xx answers are about the request (a
+    key the service will not take, a body too large, …) and keep their status,
+    code and message, so the client fails fast instead of retrying a 500;
+    except those that refuse dgproxy's own credentials or KMS key, which, like
+    upstream 5xx answers, are dgproxy's problem: 500 InternalError (and a log
+    line).
+    """
+    known = bool(_UPSTREAM_CODE.fullmatch(code)) and not code.startswith("HTTP")
+    text = _UNPRINTABLE.sub("", message)[:512]
+    if status == 503:
+        return S3Error(code if known else "SlowDown", 503,
+                       text or "Please reduce your request rate.")
+    if (400 <= status < 500 and status not in (401, 403, 407) and known
+            and code not in _BACKEND_REFUSALS and not code.startswith("KMS.")):
+        return S3Error(code, status, text or code)
+    return InternalError()
 
 
 def _text(value) -> str:

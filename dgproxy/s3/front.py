@@ -109,9 +109,8 @@ class S3Front:
         except UpstreamError as e:
             log.error("Upstream error on {request_id}: {error}", request_id=request.request_id,
                       error=str(e))
-            error = (errors.S3Error(e.code, 503, e.message or "Please reduce your request rate.")
-                     if e.status == 503 else errors.InternalError())
-            response = self.error_response(error, resource, request.request_id)
+            response = self.error_response(errors.from_upstream(e.status, e.code, e.message),
+                                           resource, request.request_id)
         except StorageError as e:
             log.error("Storage error on {request_id}: {error}", request_id=request.request_id,
                       error=str(e))

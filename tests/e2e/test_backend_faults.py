@@ -252,3 +252,67 @@ class SilentBackendTests(unittest.TestCase):
         self.assertIn("did not take or answer an upload within 2 s", self.proxy.log())
         self.assertNotIn("big.dat", self.fake.stored("stuck"))
 
+
+
+class UpstreamErrorTests(unittest.TestCase):
+    """What a client is told when the S3 service answers with an error: a
+    throttle stays a throttle (after dgproxy's own retries of idempotent
+    calls), an error about the request keeps its status and code, and a
+    refusal of dgproxy's credentials or a failure of the service is a 500."""
+
+    def setUp(self):
+        self.fake = FakeS3().start()
+        self.addCleanup(self.fake.stop)
+        self.proxy = ProxyProcess(env={
+            "DGP_S3_ENDPOINT": self.fake.endpoint, "DGP_S3_REGION": "us-east-1",
+            "DGP_BE_AWS_ACCESS_KEY_ID": "AKIDFAKEUPSTREAM0001",
+            "DGP_BE_AWS_SECRET_ACCESS_KEY": "fake-upstream-secret"})
+        self.addCleanup(self.proxy.cleanup)
+        self.proxy.start()
+        self.s3 = self.proxy.client()  # no retries of its own
+        self.s3.create_bucket(Bucket="upstream-errors")
+
+    def reads_of(self, key: str) -> int:
+        return sum(1 for r in self.fake.object_reads() if r.key == key)
+
+    def test_slow_down_reaches_the_client_after_retries(self):
+        self.fake.fails["hot.dat"] = (503, "SlowDown", "Please reduce your request rate.")
+        self.assertEqual(s3_error(self.s3.get_object, Bucket="upstream-errors", Key="hot.dat"),
+                         (503, "SlowDown"))
+        self.assertEqual(self.reads_of("hot.dat"), 3)  # GET is retried with backoff
+        self.assertEqual(s3_error(self.s3.head_object, Bucket="upstream-errors", Key="hot.dat")[0], 503)
+        status, code = s3_error(self.s3.put_object, Bucket="upstream-errors", Key="hot.dat", Body=b"x" * 1000)
+        self.assertEqual((status, code), (503, "SlowDown"))
+        # Once the service recovers, the same calls work.
+        del self.fake.fails["hot.dat"]
+        self.s3.put_object(Bucket="upstream-errors", Key="hot.dat", Body=b"cool")
+        self.assertEqual(self.s3.get_object(Bucket="upstream-errors", Key="hot.dat")["Body"].read(), b"cool")
+
+    def test_an_error_about_the_request_keeps_its_status_and_code(self):
+        self.fake.fails["odd.dat"] = (400, "InvalidRequest", "The service will not take this key")
+        try:
+            self.s3.get_object(Bucket="upstream-errors", Key="odd.dat")
+        except ClientError as e:
+            error = e.response["Error"]
+            self.assertEqual(e.response["ResponseMetadata"]["HTTPStatusCode"], 400)
+            self.assertEqual((error["Code"], error["Message"]),
+                             ("InvalidRequest", "The service will not take this key"))
+        else:
+            self.fail("GET succeeded")
+        self.assertEqual(self.reads_of("odd.dat"), 1)  # a 4xx is not retried
+        self.fake.fails["huge.dat"] = (400, "EntityTooLarge", "")
+        self.assertEqual(s3_error(self.s3.put_object, Bucket="upstream-errors", Key="huge.dat", Body=b"x"),
+                         (400, "EntityTooLarge"))
+        self.assertIn("upstream 400 InvalidRequest", self.proxy.log())
+
+    def test_refused_credentials_and_service_failures_are_internal_errors(self):
+        for key, failure in (("a.dat", (403, "AccessDenied", "no")),
+                             ("b.dat", (400, "AuthorizationHeaderMalformed", "region")),
+                             ("c.dat", (403, "SignatureDoesNotMatch", "")),
+                             ("d.dat", (500, "InternalError", "boom")),
+                             ("e.dat", (400, "<script>", "hostile code"))):
+            self.fake.fails[key] = failure
+            self.assertEqual(s3_error(self.s3.get_object, Bucket="upstream-errors", Key=key),
+                             (500, "InternalError"), key)
+        self.assertEqual(self.reads_of("d.dat"), 3)  # a 5xx is retried first
+        self.assertIn("upstream 403 AccessDenied", self.proxy.log())

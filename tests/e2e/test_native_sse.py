@@ -155,6 +155,7 @@ class FakeS3:
         self.stalls: dict[str, float] = {}  # key -> seconds a GET of it goes silent halfway
         self.hangs: dict[str, float] = {}  # key -> seconds a PUT of it waits before answering
         self.stops: dict[str, float] = {}  # key -> seconds a PUT of it stops reading its body
+        self.fails: dict[str, tuple] = {}  # key -> (status, code, message) every request gets
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.server.daemon_threads = True
         self.server.fake = self
@@ -198,6 +199,8 @@ class FakeS3:
                 f"<Buckets>{items}</Buckets></ListAllMyBucketsResult>").encode()
         if key is None:
             return self._bucket(method, bucket, query)
+        if key in self.fails:
+            return _error(*self.fails[key])
         objects = self.buckets.get(bucket)
         if objects is None:
             return _error(404, "NoSuchBucket", bucket)
