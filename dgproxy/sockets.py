@@ -28,7 +28,8 @@ from typing import Sequence
 from twisted.internet import tcp
 from twisted.internet.abstract import _dataMustBeBytes
 
-# The most one socket read delivers and one send offers.
+# The most one socket read delivers and one send offers. Streams read bodies
+# in pieces this large too, so that each chunk is taken whole, not cut and copied.
 SOCKET_CHUNK = 1024 * 1024
 # sendmsg() takes at most IOV_MAX (1024 on Linux) pieces.
 _MAX_PIECES = 512
@@ -93,4 +94,3 @@ def tune_tcp() -> None:
         _ORIGINAL["writeSequence"] = tcp.Connection.writeSequence
         tcp.Connection.write = write
         tcp.Connection.writeSequence = writeSequence
-

@@ -352,8 +352,6 @@ class PauseGate:
         self.resumeProducing()
 
 
-
-
 class _IntoRequest:
     """Copies a source into a Twisted request as its registered producer:
     cleans up either way, and a client that went away is L{ClientDisconnected}."""
