@@ -13,6 +13,7 @@ visible upstream until the blob is complete.
 from __future__ import annotations
 
 import os
+import random
 from datetime import datetime, timezone
 from typing import Callable, Optional
 from urllib.parse import quote
@@ -195,6 +196,12 @@ class _QuietFactory(_HTTP11ClientFactory):
         return _ClientProtocol(self._quiescentCallback)
 
 
+def _jittered(delay: float) -> float:
+    """A retry's wait, spread ±50 % so that requests failed together do not
+    all come back together."""
+    return delay * (0.5 + random.random())
+
+
 class S3Client:
     """Signed requests to one S3 endpoint, with retries for idempotent calls."""
 
@@ -318,7 +325,7 @@ class S3Client:
                     log.error("S3 backend '{backend}' at {endpoint} unreachable: {error}",
                               backend=self.name, endpoint=self.endpoint, error=_reason(e))
                     raise BackendUnavailable(self.name, _reason(e)) from None
-                await task.deferLater(self.reactor, delay, lambda: None)
+                await task.deferLater(self.reactor, _jittered(delay), lambda: None)
                 delay *= 2
                 continue
             finally:
@@ -326,7 +333,7 @@ class S3Client:
                     f.close()
             if response.code >= 500 and attempt < attempts:
                 await treq.content(response)
-                await task.deferLater(self.reactor, delay, lambda: None)
+                await task.deferLater(self.reactor, _jittered(delay), lambda: None)
                 delay *= 2
                 continue
             return response
