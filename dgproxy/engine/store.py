@@ -563,12 +563,18 @@ class ObjectStore:
 
     # -- reads ------------------------------------------------------------------
     async def head(self, bucket: str, key: str) -> Optional[ObjectVersion]:
-        """The current version of C{key}: the newer of its passthrough and delta blobs."""
+        """The current version of C{key}: the newer of its passthrough and delta
+        blobs. Like L{get}, a name never stored as a delta is looked for as one
+        only when it has no plain blob: one round trip to an S3 backend."""
         okey = ObjectKey(key)
-        plain, delta = await defer.gatherResults(
-            [defer.maybeDeferred(self.backend.stat, bucket, okey.passthrough_key),
-             defer.maybeDeferred(self.backend.stat, bucket, okey.delta_key)],
-            consumeErrors=True).addErrback(lambda f: f.value.subFailure)
+        if not self.policy.delta_named(okey.filename):
+            plain = await self.backend.stat(bucket, okey.passthrough_key)
+            delta = None if plain is not None else await self.backend.stat(bucket, okey.delta_key)
+        else:
+            plain, delta = await defer.gatherResults(
+                [defer.maybeDeferred(self.backend.stat, bucket, okey.passthrough_key),
+                 defer.maybeDeferred(self.backend.stat, bucket, okey.delta_key)],
+                consumeErrors=True).addErrback(lambda f: f.value.subFailure)
         best = None
         for stored in (plain, delta):
             if stored is None:

@@ -751,6 +751,31 @@ class S3BackendTests(S3BackendCase):
         listed = [o["Key"] for o in list_all(self.s3, self.bucket)]
         self.assertFalse([k for k in listed if k.startswith(".dg")], listed)
 
+    def test_reads_of_a_plain_name_cost_one_upstream_request(self):
+        """SeaweedFS's own request counters: a GET or HEAD of a name dgproxy
+        never stores as a delta is one upstream request, a ranged GET two
+        (HEAD, then the range); a delta-eligible name is also looked up as
+        its .delta."""
+        bucket = "dgp-read-cost"
+        self.s3.create_bucket(Bucket=bucket)
+        data = random_bytes(300_000, seed=31)
+        self.s3.put_object(Bucket=bucket, Key="video.mp4", Body=data)
+        self.s3.put_object(Bucket=bucket, Key="app.tar", Body=tar_versions(1, seed=32)[0])
+
+        def cost(call) -> float:
+            before = self.weed.settled_counts(bucket).get("GET", 0)
+            call()
+            return self.weed.settled_counts(bucket).get("GET", 0) - before
+
+        self.assertEqual(cost(lambda: self.s3.get_object(Bucket=bucket, Key="video.mp4")
+                              ["Body"].read()), 1)
+        self.assertEqual(cost(lambda: self.s3.head_object(Bucket=bucket, Key="video.mp4")), 1)
+        part = {}
+        self.assertEqual(cost(lambda: part.setdefault("body", self.s3.get_object(
+            Bucket=bucket, Key="video.mp4", Range="bytes=1000-1999")["Body"].read())), 2)
+        self.assertEqual(part["body"], data[1000:2000])
+        self.assertEqual(cost(lambda: self.s3.head_object(Bucket=bucket, Key="app.tar")), 2)
+
     def test_list_does_not_head_every_key_every_time(self):
         """SeaweedFS's own request counters: a repeated listing costs LISTs only."""
         bucket = "dgp-list-heads"
