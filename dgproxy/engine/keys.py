@@ -48,3 +48,21 @@ def user_key_of(stored_key: str) -> str | None:
     while stored_key.endswith(DELTA_SUFFIX):
         stored_key = stored_key[: -len(DELTA_SUFFIX)]
     return stored_key
+
+
+def listing_frontier(last_stored: str) -> str:
+    """The smallest client key whose blobs may not all have been listed yet,
+    when a listing in stored-key order has got as far as C{last_stored}.
+
+    A client key K is stored as K and as K.delta; K.delta sorts after K, and
+    after every key that continues K with something smaller than ".delta"
+    (K-2, K 1, K+x). So once the listing is at S, the keys still open are S
+    and those prefixes K of S where the rest of S sorts before a delta
+    suffix: their K.delta is still to come. Every client key below the
+    shortest such prefix is complete. (UTF-8 byte order, S3's order, is code
+    point order, so Python's string comparison is the right one.)"""
+    for i in range(1, len(last_stored) + 1):
+        rest = last_stored[i:]
+        if rest < DELTA_SUFFIX or rest.startswith(DELTA_SUFFIX):
+            return last_stored[:i]
+    return last_stored

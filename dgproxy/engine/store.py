@@ -23,7 +23,8 @@ from twisted.python.failure import Failure
 
 from dgproxy import TOOL_NAME
 from dgproxy.engine.codec import Codec, CodecError, OutputTooLarge
-from dgproxy.engine.keys import INTERNAL_PREFIX, ObjectKey, reference_key, user_key_of
+from dgproxy.engine.keys import (
+    INTERNAL_PREFIX, ObjectKey, listing_frontier, reference_key, user_key_of)
 from dgproxy.engine.policy import DeltaPolicy
 from dgproxy.engine.references import ReferenceCorrupt, ReferenceFile, References
 from dgproxy.engine.spool import Spool, SpoolFile
@@ -693,18 +694,57 @@ class ObjectStore:
             await self._drop_reference(bucket, ds)
 
     # -- listing -----------------------------------------------------------------
-    async def list(self, bucket: str, prefix: str, delimiter: Optional[str]):
-        """(versions sorted by key, common prefixes) under C{prefix}."""
+    async def list(self, bucket: str, prefix: str, delimiter: Optional[str],
+                   after: Optional[str] = None, limit: Optional[int] = None):
+        """(versions sorted by key, common prefixes) under C{prefix}.
+
+        With C{limit}, a backend that lists in pages (S3) stops once more than
+        C{limit} entries after C{after} are complete, instead of listing the
+        whole prefix for every page a client asks for; entries past that
+        point are left out, so a page cut at C{limit} is whole and correct.
+        (C{after} is only a hint: entries up to it may still be returned.)"""
         backend_delim = "/" if delimiter == "/" else None
-        stored, prefixes = await self.backend.list(bucket, prefix, backend_delim)
+        stop: list[str] = []  # the frontier, once the backend stopped early
+
+        def enough(objects: list[StoredObject], prefixes: list[str]) -> bool:
+            last = max(objects[-1].key if objects else "", prefixes[-1] if prefixes else "")
+            if not last:
+                return False
+            bound = listing_frontier(last)
+            entries = set()
+            for obj in objects:
+                key = user_key_of(obj.key)
+                if key is None or not key.startswith(prefix) or key >= bound:
+                    continue
+                if delimiter:
+                    cut = key.find(delimiter, len(prefix))
+                    if cut >= 0:
+                        key = key[:cut + len(delimiter)]
+                entries.add(key)
+            entries.update(p for p in prefixes if p < bound and not p.startswith(INTERNAL_PREFIX))
+            if after is not None:
+                entries = {e for e in entries if e > after}
+            if len(entries) > limit:
+                stop.append(bound)
+                return True
+            return False
+
+        stored, prefixes = await self.backend.list(
+            bucket, prefix, backend_delim, start_after=after,
+            enough=enough if limit is not None else None)
+        bound = stop[0] if stop else None
         latest: dict[str, ObjectVersion] = {}
         for obj in stored:
             user_key = user_key_of(obj.key)
             if user_key is None or not user_key.startswith(prefix):
+                continue
+            if bound is not None and user_key >= bound:
                 continue
             meta = _effective(obj)
             seen = latest.get(user_key)
             if seen is None or meta.created_at > seen.metadata.created_at:
                 latest[user_key] = ObjectVersion(user_key, obj, meta)
         versions = sorted(latest.values(), key=lambda v: v.key.encode("utf-8"))
+        if bound is not None:
+            prefixes = [p for p in prefixes if p < bound]
         return versions, [p for p in prefixes if not p.startswith(INTERNAL_PREFIX)]

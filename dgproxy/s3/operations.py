@@ -160,7 +160,8 @@ class Operations:
         else:
             marker = q.get("marker") or None
         try:
-            versions, prefixes = await self.store.list(call.bucket, prefix, delimiter)
+            versions, prefixes = await self.store.list(call.bucket, prefix, delimiter,
+                                                       after=marker, limit=max_keys)
         except BucketMissing:
             raise errors.NoSuchBucket(BucketName=call.bucket) from None
         page = listing.paginate([(v.key, v) for v in versions], prefixes, prefix,

@@ -410,8 +410,8 @@ class EncryptingBackend:
     def discard(self, bucket, key):
         return self.inner.discard(bucket, key)
 
-    def list(self, bucket, prefix, delimiter):
-        return self.inner.list(bucket, prefix, delimiter)
+    def list(self, bucket, prefix, delimiter, **hints):
+        return self.inner.list(bucket, prefix, delimiter, **hints)
 
     async def open_write(self, bucket: str, key: str, size: Optional[int] = None, hint=None):
         if self.keys.encrypts:  # ciphertext: the inner backend spools it

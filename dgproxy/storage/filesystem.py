@@ -365,7 +365,9 @@ class FilesystemBackend:
                 return
             directory = os.path.dirname(directory)
 
-    def list(self, bucket: str, prefix: str, delimiter: Optional[str]) -> defer.Deferred:
+    def list(self, bucket: str, prefix: str, delimiter: Optional[str],
+             start_after: Optional[str] = None, enough=None) -> defer.Deferred:
+        """Everything under C{prefix}, in one walk (the paging hints are not used)."""
         return deferToThread(self._list, bucket, prefix, delimiter)
 
     def _list(self, bucket: str, prefix: str, delimiter: Optional[str]):

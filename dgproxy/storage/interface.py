@@ -137,6 +137,12 @@ class IBackend(Interface):
     def delete(bucket: str, key: str):
         """Deferred bool: whether something was deleted."""
 
-    def list(bucket: str, prefix: str, delimiter: Optional[str]):
+    def list(bucket: str, prefix: str, delimiter: Optional[str],
+             start_after: Optional[str] = None, enough=None):
         """Deferred (objects, prefixes): stored objects whose key starts with
-        C{prefix} (sorted by key) and, with delimiter '/', the sub-prefixes."""
+        C{prefix} (sorted by key) and, with delimiter '/', the sub-prefixes.
+
+        Both keywords are hints for a backend that lists in pages: it may
+        skip keys up to C{start_after}, and it stops after the page for
+        which C{enough(objects, prefixes)} (all listed so far) is true.
+        Others return everything."""

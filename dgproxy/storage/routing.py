@@ -86,6 +86,6 @@ class RoutingBackend:
         backend, real = self.resolve(bucket)
         return backend.delete(real, key)
 
-    def list(self, bucket: str, prefix: str, delimiter: Optional[str]):
+    def list(self, bucket: str, prefix: str, delimiter: Optional[str], **hints):
         backend, real = self.resolve(bucket)
-        return backend.list(real, prefix, delimiter)
+        return backend.list(real, prefix, delimiter, **hints)

@@ -26,6 +26,7 @@ import stat
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 from botocore.exceptions import ClientError
@@ -750,6 +751,33 @@ class S3BackendTests(S3BackendCase):
         self.assertEqual(self.stored(".dg/multipart/"), {}, "upload state left behind")
         listed = [o["Key"] for o in list_all(self.s3, self.bucket)]
         self.assertFalse([k for k in listed if k.startswith(".dg")], listed)
+
+    def test_a_paged_listing_lists_each_page_not_the_whole_bucket(self):
+        """SeaweedFS's own counters: walking 2000 keys 200 at a time costs about
+        one upstream LIST per page (each starts after the last key shown),
+        not a listing of the whole bucket per page; every key comes once, in
+        order, with deltas among them."""
+        bucket = "dgp-paged-list"
+        self.s3.create_bucket(Bucket=bucket)
+        keys = [f"k/{i:05d}" + ("-x.dat" if i % 7 else ".dat") for i in range(2000)]
+        clients = [self.weed.client() for _ in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: clients[i % 8].put_object(
+                Bucket=bucket, Key=keys[i], Body=b"x" * (i % 10)), range(len(keys))))
+        tars = tar_versions(2, seed=33)
+        for i, data in enumerate(tars):
+            self.s3.put_object(Bucket=bucket, Key=f"k/00100-{i}.tar", Body=data)
+        expected = sorted(keys + [f"k/00100-{i}.tar" for i in range(2)])
+        before = self.weed.settled_counts(bucket).get("LIST", 0)
+        seen, pages = [], 0
+        for page in self.s3.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, PaginationConfig={"PageSize": 200}):
+            seen += [o["Key"] for o in page.get("Contents", [])]
+            pages += 1
+        lists = self.weed.settled_counts(bucket).get("LIST", 0) - before
+        self.assertEqual(seen, expected)
+        self.assertEqual(pages, 11)
+        self.assertLessEqual(lists, 2 * pages, f"{lists} upstream LISTs for {pages} pages")
 
     def test_reads_of_a_plain_name_cost_one_upstream_request(self):
         """SeaweedFS's own request counters: a GET or HEAD of a name dgproxy

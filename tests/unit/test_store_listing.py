@@ -1,0 +1,150 @@
+"""Listing a page without listing the whole prefix (ObjectStore.list with a limit).
+
+A backend that lists in pages (S3) stops as soon as the client's page is
+certain. That is subtle because stored keys and client keys sort
+differently: K.delta comes after K-2 and K 1, so client key K can still
+turn up (or turn out newer as a delta) after later keys were listed. The
+property: for any stored keys, prefix, delimiter, marker and page size, a
+page listed with early stopping, from any backend page size, is exactly the
+page cut from the full listing.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from hypothesis import given, settings, strategies as st
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from dgproxy.engine.keys import listing_frontier
+from dgproxy.engine.store import ObjectStore
+from dgproxy.s3.listing import paginate
+from dgproxy.storage.interface import StoredObject
+
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+class PagedBackend:
+    """Lists sorted stored keys in pages of C{page} entries, S3 style: with
+    delimiter '/', keys collapse into common prefixes, which count toward
+    the page; C{start_after} and C{enough} are honoured."""
+
+    name = "paged"
+
+    def __init__(self, blobs: dict[str, StoredObject], page: int):
+        self.blobs = blobs
+        self.page = page
+        self.pages_listed = 0
+
+    def list(self, bucket, prefix, delimiter, start_after=None, enough=None):
+        entries: list[tuple[str, object]] = []
+        seen_prefixes = set()
+        for key in sorted(self.blobs, key=lambda k: k.encode("utf-8")):
+            if not key.startswith(prefix) or (start_after is not None and key <= start_after):
+                continue
+            if delimiter:
+                cut = key.find(delimiter, len(prefix))
+                if cut >= 0:
+                    p = key[:cut + len(delimiter)]
+                    if p not in seen_prefixes:
+                        seen_prefixes.add(p)
+                        entries.append((p, None))
+                    continue
+            entries.append((key, self.blobs[key]))
+        objects, prefixes = [], []
+        for i in range(0, len(entries), self.page):
+            self.pages_listed += 1
+            for key, obj in entries[i:i + self.page]:
+                if obj is None:
+                    prefixes.append(key)
+                else:
+                    objects.append(obj)
+            if i + self.page < len(entries) and enough is not None and enough(objects, prefixes):
+                break
+        return defer.succeed((objects, prefixes))
+
+
+def store_over(backend) -> ObjectStore:
+    return ObjectStore(backend, 5 * 1024**3, policy=None, codec=None, references=None,
+                       spool=None)
+
+
+def run(d: defer.Deferred):
+    out = []
+    d.addBoth(out.append)
+    if isinstance(out[0], Exception) or hasattr(out[0], "raiseException"):
+        out[0].raiseException()
+    return out[0]
+
+
+def page_of(store, prefix, delimiter, marker, max_keys, limited: bool):
+    kwargs = dict(after=marker, limit=max_keys) if limited else {}
+    versions, prefixes = run(defer.ensureDeferred(
+        store.list("b", prefix, delimiter, **kwargs)))
+    page = paginate([(v.key, v) for v in versions], prefixes, prefix, delimiter, marker,
+                    max_keys)
+    return ([(k, v.stored.key, v.size) for k, v in page.objects], page.prefixes,
+            page.truncated, page.last)
+
+
+# Client keys built from pieces that share prefixes and sort around ".delta"
+# and "/" (K-1, K 2, K.d, K.tar, K/x after K), so that deltas sorting late
+# behind other keys, and common prefixes, are the usual case.
+PIECES = ["a", "b", "-1", "-2", " 1", ".d", ".tar", "/", "/x", "+"]
+NAMES = st.lists(st.sampled_from(PIECES), min_size=1, max_size=4).map("".join).filter(
+    lambda k: not k.startswith("/") and "//" not in k and not k.endswith(".delta"))
+
+
+@st.composite
+def buckets(draw):
+    """Stored blobs: each client key as plain, delta or both (newest wins)."""
+    blobs = {}
+    for key in draw(st.sets(NAMES, max_size=25)):
+        kind = draw(st.sampled_from(["plain", "delta", "both"]))
+        for i, stored in enumerate([key] if kind == "plain" else [key + ".delta"] if
+                                   kind == "delta" else [key, key + ".delta"]):
+            when = T0 + timedelta(seconds=draw(st.integers(0, 5)))
+            blobs[stored] = StoredObject(stored, len(stored) + i, when, None,
+                                         etag=f"{len(blobs):032x}")
+    return blobs
+
+
+class EarlyStopListingTests(unittest.TestCase):
+    @settings(max_examples=600, deadline=None)
+    @given(buckets(), st.sampled_from(["", "a", "a-", "a/", "b"]),
+           st.sampled_from([None, "/", "-"]), st.one_of(st.none(), NAMES),
+           st.integers(1, 6), st.integers(1, 4))
+    def test_a_page_is_the_page_of_the_full_listing(self, blobs, prefix, delimiter, marker,
+                                                    max_keys, backend_page):
+        full = page_of(store_over(PagedBackend(blobs, 1000)), prefix, delimiter, marker,
+                       max_keys, limited=False)
+        early = page_of(store_over(PagedBackend(blobs, backend_page)), prefix, delimiter,
+                        marker, max_keys, limited=True)
+        self.assertEqual(early, full)
+
+    def test_walking_all_pages_lists_every_key_once(self):
+        keys = [f"k{i:04d}" + ("-x" if i % 3 else "") for i in range(300)]
+        blobs = {}
+        for i, k in enumerate(keys):
+            stored = k + ".delta" if i % 2 else k
+            blobs[stored] = StoredObject(stored, i, T0, None, etag=f"{i:032x}")
+        backend = PagedBackend(blobs, 10)
+        store = store_over(backend)
+        seen, marker = [], None
+        while True:
+            objects, _, truncated, last = page_of(store, "", None, marker, 25, limited=True)
+            seen += [k for k, _, _ in objects]
+            if not truncated:
+                break
+            marker = last
+        self.assertEqual(seen, sorted(keys))
+        # Each client page read a few backend pages, not all 30 of them.
+        self.assertLess(backend.pages_listed, 12 * 4 + 30)
+
+    def test_frontier(self):
+        self.assertEqual(listing_frontier("z"), "z")
+        self.assertEqual(listing_frontier("app-2.tar"), "app")     # app.delta may follow
+        self.assertEqual(listing_frontier("dir/a b"), "dir/a")
+        self.assertEqual(listing_frontier("dir/x.tar.delta"), "dir/x.tar")
+        self.assertEqual(listing_frontier("dir/"), "dir/")
