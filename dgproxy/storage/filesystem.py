@@ -35,6 +35,9 @@ OBJECTS_DIR = "deltaspaces"
 TEMP_NAME = re.compile(r"^(?:\.dgtmp\.[0-9a-f]{16}|\.tmp[A-Za-z0-9]{6})$")  # ours, the Rust proxy's
 PROBE_NAME = ".dg_xattr_probe"
 MAX_NAME_BYTES = 255
+# Objects whose metadata a listing reads between two looks at whether the
+# caller's page is complete.
+LIST_BATCH = 500
 
 
 def is_temp_name(name: str) -> bool:
@@ -367,10 +370,12 @@ class FilesystemBackend:
 
     def list(self, bucket: str, prefix: str, delimiter: Optional[str],
              start_after: Optional[str] = None, enough=None) -> defer.Deferred:
-        """Everything under C{prefix}, in one walk (the paging hints are not used)."""
-        return deferToThread(self._list, bucket, prefix, delimiter)
+        return deferToThread(self._list, bucket, prefix, delimiter, start_after, enough)
 
-    def _list(self, bucket: str, prefix: str, delimiter: Optional[str]):
+    def _list(self, bucket: str, prefix: str, delimiter: Optional[str],
+              start_after: Optional[str] = None, enough=None):
+        """Names first (cheap), then, in key order, the stat and metadata read
+        of each (what costs), in batches, stopping once C{enough} is true."""
         base = self._objects_dir(bucket)
         if not os.path.isdir(base):
             raise BucketMissing(bucket)
@@ -384,6 +389,7 @@ class FilesystemBackend:
         if not os.path.isdir(start):
             return objects, prefixes
         rel_start = "/".join(parts)
+        names: list[tuple[str, str, bool]] = []  # (key, path, is a directory)
         if delimiter == "/":
             try:
                 entries = list(os.scandir(start))
@@ -395,14 +401,11 @@ class FilesystemBackend:
                 if not key.startswith(prefix):
                     continue
                 if entry.is_dir(follow_symlinks=False):
-                    if not (key == ".dg" and not rel_start) and self._has_visible(entry.path):
-                        prefixes.append(key + "/")
-                elif entry.is_file(follow_symlinks=False) and not is_temp_name(entry.name):
-                    if entry.name == PROBE_NAME:
-                        continue
-                    obj = self._stat_path(key, entry.path)
-                    if obj is not None:
-                        objects.append(obj)
+                    if not (key == ".dg" and not rel_start):
+                        names.append((key + "/", entry.path, True))
+                elif (entry.is_file(follow_symlinks=False) and not is_temp_name(entry.name)
+                      and entry.name != PROBE_NAME):
+                    names.append((key, entry.path, False))
         else:
             for dirpath, dirs, files in os.walk(start):
                 if dirpath == base:
@@ -414,11 +417,21 @@ class FilesystemBackend:
                         continue
                     key = f"{rel}/{name}" if rel else name
                     if key.startswith(prefix):
-                        obj = self._stat_path(key, os.path.join(dirpath, name))
-                        if obj is not None:
-                            objects.append(obj)
-        objects.sort(key=lambda o: o.key.encode("utf-8"))
-        prefixes.sort(key=lambda p: p.encode("utf-8"))
+                        names.append((key, os.path.join(dirpath, name), False))
+        names.sort(key=lambda n: n[0].encode("utf-8"))
+        if start_after is not None:
+            names = [n for n in names if n[0] > start_after]
+        for i, (key, path, is_dir) in enumerate(names, 1):
+            if is_dir:
+                if self._has_visible(path):
+                    prefixes.append(key)
+            else:
+                obj = self._stat_path(key, path)
+                if obj is not None:
+                    objects.append(obj)
+            if (enough is not None and i % LIST_BATCH == 0 and i < len(names)
+                    and enough(objects, prefixes)):
+                break
         return objects, prefixes
 
     def _has_visible(self, directory: str) -> bool:

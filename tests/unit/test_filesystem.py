@@ -16,6 +16,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from tests.unit.helpers import inline, meta_for
+from dgproxy.storage import filesystem
 from dgproxy.storage.filesystem import FilesystemBackend
 from dgproxy.storage.interface import (
     AlreadyExists, BucketMissing, BucketNotEmptyError, KeyConflict, StoredObject)
@@ -448,6 +449,31 @@ class ListTests(FilesystemTestCase):
 
         self.patch(os, "scandir", scandir_after_prune)
         self.assertEqual(self.backend._list("b", "dir/sub/", "/"), ([], []))
+
+
+    @inline
+    async def test_paging_hints_stop_early_and_skip_what_came_before(self):
+        """The listing reads metadata in key order, LIST_BATCH objects at a
+        time, and stops once the caller's C{enough} says so; what it returns
+        is then the start of the full listing. C{start_after} skips keys."""
+        self.patch(filesystem, "LIST_BATCH", 2)
+        full, _ = await self.keys()
+        looked = []
+
+        def enough(objects, prefixes):
+            looked.append(len(objects))
+            return len(objects) >= 4
+
+        objects, _ = await self.backend.list("b", "", None, enough=enough)
+        got = [o.key for o in objects]
+        self.assertEqual(got, full[:len(got)])
+        self.assertEqual(len(got), 4)
+        self.assertEqual(looked, [2, 4])
+        objects, _ = await self.backend.list("b", "", None, start_after="dir/sub/2.txt")
+        self.assertEqual([o.key for o in objects], full[full.index("dir/sub/2.txt") + 1:])
+        objects, prefixes = await self.backend.list("b", "", "/", start_after="a.txt",
+                                                    enough=lambda o, p: True)
+        self.assertEqual(([o.key for o in objects], prefixes), (["dirt.txt"], ["dir/"]))
 
 
 class TempNameCollisionTests(FilesystemTestCase):
