@@ -75,9 +75,9 @@ BUCKET = "bench"
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 # (label, size, repetitions). Every size is summarised by the median of its
-# repetitions (for 2 that is their mean); the best is shown next to it. Each
+# repetitions; the best is shown next to it. Each
 # size also gets one untimed verification GET per server.
-SIZES = [("1 MiB", MiB, 100), ("64 MiB", 64 * MiB, 5), ("1 GiB", GiB, 2)]
+SIZES = [("1 MiB", MiB, 100), ("64 MiB", 64 * MiB, 5), ("1 GiB", GiB, 3)]
 RATIO_TARGET = 0.5        # dgproxy (filesystem) / SeaweedFS
 S3_RATIO_TARGET = 0.7     # dgproxy (S3 backend) / the same SeaweedFS directly
 ENCODE_TARGET = 1.3       # dgproxy delta PUT time / raw `xdelta3 -e` time
@@ -104,7 +104,7 @@ MP_PARALLEL = 4
 # does not give deleted space back during the run), the 1 GiB delta pair with
 # its spool files, the multipart parts plus the assembled object, and the S3
 # section's copies in weed plus dgproxy's upload spool.
-DISK_NEEDED = 16 * GiB
+DISK_NEEDED = 20 * GiB
 
 # For development: BENCH_SECTIONS=2,3 runs only those sections (default: all).
 SECTIONS = {int(x) for x in os.environ.get("BENCH_SECTIONS", "1,2,3,4,5,6,7").split(",") if x.strip()}
@@ -621,6 +621,37 @@ def report_passthrough(res: Passthrough, names: tuple[str, str], target: float,
         g = res.rss[(a, op)].growth
         verdicts.add(f"{what} memory {op} 1 GiB: {a} RSS growth {g / MiB:.1f} MiB "
                      f"(target < {RSS_TARGET // MiB} MiB)", g < RSS_TARGET)
+
+
+LIST_KEYS = 10_000  # section 5's listing: small objects put straight into SeaweedFS
+LIST_ROUNDS = 3
+
+
+def listing_run(dg: Server, weed: Server, bucket: str) -> dict:
+    """LIST_KEYS objects put straight into the SeaweedFS bucket behind
+    dgproxy-s3 (as another tool would), then the whole prefix listed, 1000
+    keys per page, through dgproxy-s3 and directly, rounds alternating.
+    Returns server name -> median seconds for the whole listing."""
+    def put_share(n: int) -> None:  # one client per thread
+        writer = weed.client()
+        for i in range(n, LIST_KEYS, 8):
+            writer.put_bytes(bucket, f"list/{i % 100:02d}/obj-{i:06d}.dat", b"x")
+        writer.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(put_share, range(8)))
+    clients = {dg.name: dg.client(), weed.name: weed.client()}
+    times: dict = {dg.name: [], weed.name: []}
+    for r in range(LIST_ROUNDS):
+        for name in (list(clients) if r % 2 == 0 else list(clients)[::-1]):
+            started = time.perf_counter()
+            got = clients[name].list_objects(bucket, "list/")
+            times[name].append(time.perf_counter() - started)
+            if len(got) != LIST_KEYS:
+                raise RuntimeError(f"{name} listed {len(got)} keys, expected {LIST_KEYS}")
+    for c in clients.values():
+        c.close()
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 # -- section 2: the release-tarball corpus ---------------------------------------------
@@ -1618,6 +1649,8 @@ def run(workdir: str) -> int:
             buckets5 = {dgs3.name: s3_bucket, weed.name: BUCKET}
             pt5 = passthrough(pair5, clients, buckets5, sources, "s3obj")
             delete_passthrough(pair5, clients, buckets5, "s3obj")
+            list5 = listing_run(dgs3, weed, s3_bucket)
+            log(f"  listing: {LIST_KEYS} keys x{LIST_ROUNDS} rounds per server, keys verified")
             corpus_s3: Optional[CorpusRun] = None
             if not corpus and 2 not in SECTIONS:
                 corpus, why = prepare_corpus()
@@ -1637,6 +1670,11 @@ def run(workdir: str) -> int:
                     "directly")
                 report_passthrough(pt5, ("dgproxy-s3", "seaweedfs"), S3_RATIO_TARGET, verdicts,
                                    "[5] S3 backend")
+                log("")
+                d, w = list5[dgs3.name], list5[weed.name]
+                log(f"  LIST {LIST_KEYS} keys, 1000 per page (median of {LIST_ROUNDS}): dgproxy-s3 "
+                    f"{d:.2f}s ({LIST_KEYS / d:.0f} keys/s), SeaweedFS directly {w:.2f}s "
+                    f"({LIST_KEYS / w:.0f} keys/s), ratio {w / d:.2f}   [informational]")
                 if corpus_s3 is None:
                     log(f"  delta corpus: skipped: {why}")
                     return

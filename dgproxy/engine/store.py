@@ -563,19 +563,23 @@ class ObjectStore:
         self.references.evict(bucket, ds)
 
     # -- reads ------------------------------------------------------------------
-    async def head(self, bucket: str, key: str) -> Optional[ObjectVersion]:
-        """The current version of C{key}: the newer of its passthrough and delta
-        blobs. Like L{get}, a name never stored as a delta is looked for as one
-        only when it has no plain blob: one round trip to an S3 backend."""
-        okey = ObjectKey(key)
+    async def _blobs(self, bucket: str, okey: ObjectKey, read_plain):
+        """(C{read_plain} of the passthrough blob, stat of the delta blob). Both
+        at once for a delta-eligible name; for a name dgproxy never stores as a
+        delta, its .delta (another tool may have made one) is looked for only
+        when there is no plain blob: one round trip to an S3 backend."""
         if not self.policy.delta_named(okey.filename):
-            plain = await self.backend.stat(bucket, okey.passthrough_key)
+            plain = await read_plain(bucket, okey.passthrough_key)
             delta = None if plain is not None else await self.backend.stat(bucket, okey.delta_key)
-        else:
-            plain, delta = await defer.gatherResults(
-                [defer.maybeDeferred(self.backend.stat, bucket, okey.passthrough_key),
-                 defer.maybeDeferred(self.backend.stat, bucket, okey.delta_key)],
-                consumeErrors=True).addErrback(lambda f: f.value.subFailure)
+            return plain, delta
+        return await defer.gatherResults(
+            [defer.maybeDeferred(read_plain, bucket, okey.passthrough_key),
+             defer.maybeDeferred(self.backend.stat, bucket, okey.delta_key)],
+            consumeErrors=True).addErrback(lambda f: f.value.subFailure)
+
+    async def head(self, bucket: str, key: str) -> Optional[ObjectVersion]:
+        """The current version of C{key}: the newer of its passthrough and delta blobs."""
+        plain, delta = await self._blobs(bucket, ObjectKey(key), self.backend.stat)
         best = None
         for stored in (plain, delta):
             if stored is None:
@@ -590,17 +594,7 @@ class ObjectStore:
         passthrough read while the delta variant is looked up: one round trip
         to an S3 backend for the common case. The source is None when the
         delta is current (open it with L{open})."""
-        okey = ObjectKey(key)
-        if not self.policy.delta_named(okey.filename):
-            # dgproxy never stores such a name as a delta: look for one only
-            # when there is no plain object (another tool may have made it).
-            plain = await self.backend.open_with_stat(bucket, okey.passthrough_key)
-            delta = None if plain is not None else await self.backend.stat(bucket, okey.delta_key)
-        else:
-            plain, delta = await defer.gatherResults(
-                [defer.maybeDeferred(self.backend.open_with_stat, bucket, okey.passthrough_key),
-                 defer.maybeDeferred(self.backend.stat, bucket, okey.delta_key)],
-                consumeErrors=True).addErrback(lambda f: f.value.subFailure)
+        plain, delta = await self._blobs(bucket, ObjectKey(key), self.backend.open_with_stat)
         best, source = None, None
         if plain is not None:
             stored, source = plain

@@ -97,6 +97,14 @@ class ProxyProcess:
             self.wait_ready()
         return self
 
+    def start_refused(self, timeout: float = 30.0) -> int:
+        """Start, expecting dgproxy to refuse to run; its exit code."""
+        self.start(wait=False)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"dgproxy did not exit within {timeout}s:\n{self.log()}") from None
+
     def wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -188,21 +188,27 @@ class BackendOutageTests(ClassFixture, unittest.TestCase):
         self.assertIn("fresh/reference.bin", stored)
 
 
+def proxy_on_fake_s3(test: unittest.TestCase, **env: str) -> tuple[FakeS3, ProxyProcess]:
+    """A running FakeS3 and a dgproxy with it as its only backend, both
+    stopped when C{test} ends."""
+    fake = FakeS3().start()
+    test.addCleanup(fake.stop)
+    proxy = ProxyProcess(env={
+        "DGP_S3_ENDPOINT": fake.endpoint, "DGP_S3_REGION": "us-east-1",
+        "DGP_BE_AWS_ACCESS_KEY_ID": "AKIDFAKEUPSTREAM0001",
+        "DGP_BE_AWS_SECRET_ACCESS_KEY": "fake-upstream-secret", **env})
+    test.addCleanup(proxy.cleanup)
+    proxy.start()
+    return fake, proxy
+
+
 class SilentBackendTests(unittest.TestCase):
     """A backend that stops sending in the middle of a response body (no
     reset, no close: a network partition) is given up on after
     DGP_S3_READ_TIMEOUT_SECS, and the client's connection is cut."""
 
     def setUp(self):
-        self.fake = FakeS3().start()
-        self.addCleanup(self.fake.stop)
-        self.proxy = ProxyProcess(env={
-            "DGP_S3_ENDPOINT": self.fake.endpoint, "DGP_S3_REGION": "us-east-1",
-            "DGP_BE_AWS_ACCESS_KEY_ID": "AKIDFAKEUPSTREAM0001",
-            "DGP_BE_AWS_SECRET_ACCESS_KEY": "fake-upstream-secret",
-            "DGP_S3_READ_TIMEOUT_SECS": "2"})
-        self.addCleanup(self.proxy.cleanup)
-        self.proxy.start()
+        self.fake, self.proxy = proxy_on_fake_s3(self, DGP_S3_READ_TIMEOUT_SECS="2")
 
     def test_silent_body_is_cut_after_the_read_timeout(self):
         s3 = self.proxy.client()
@@ -261,14 +267,7 @@ class UpstreamErrorTests(unittest.TestCase):
     refusal of dgproxy's credentials or a failure of the service is a 500."""
 
     def setUp(self):
-        self.fake = FakeS3().start()
-        self.addCleanup(self.fake.stop)
-        self.proxy = ProxyProcess(env={
-            "DGP_S3_ENDPOINT": self.fake.endpoint, "DGP_S3_REGION": "us-east-1",
-            "DGP_BE_AWS_ACCESS_KEY_ID": "AKIDFAKEUPSTREAM0001",
-            "DGP_BE_AWS_SECRET_ACCESS_KEY": "fake-upstream-secret"})
-        self.addCleanup(self.proxy.cleanup)
-        self.proxy.start()
+        self.fake, self.proxy = proxy_on_fake_s3(self)
         self.s3 = self.proxy.client()  # no retries of its own
         self.s3.create_bucket(Bucket="upstream-errors")
 

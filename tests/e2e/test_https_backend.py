@@ -8,8 +8,6 @@ check alike). Without it the backend's certificate is refused at start-up.
 
 from __future__ import annotations
 
-import subprocess
-
 from twisted.trial import unittest
 
 from tests.e2e.harness import ProxyProcess
@@ -99,11 +97,7 @@ class HttpsBackendTests(ClassFixture, unittest.TestCase):
         proxy.env.pop("SSL_CERT_FILE", None)
         proxy.env.pop("SSL_CERT_DIR", None)
         self.addCleanup(proxy.cleanup)
-        proxy.start(wait=False)
-        try:
-            code = proxy.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.fail(f"dgproxy started with an untrusted backend certificate:\n{proxy.log()}")
+        code = proxy.start_refused()
         log = proxy.log()
         self.assertNotEqual(code, 0)
         self.assertIn(f"S3 backend 'default' at {self.weed.https_endpoint} failed its start-up "

@@ -10,7 +10,6 @@ there.
 from __future__ import annotations
 
 import os
-import subprocess
 from typing import Optional
 
 from twisted.trial import unittest
@@ -161,12 +160,7 @@ class StartupErrorTests(unittest.TestCase):
     def start_failing(self, yaml_text: str) -> tuple[int, str]:
         proxy = ProxyProcess(config_yaml=yaml_text)
         self.addCleanup(proxy.cleanup)
-        proxy.start(wait=False)
-        try:
-            code = proxy.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.fail(f"dgproxy did not refuse to start:\n{proxy.log()}")
-        return code, proxy.log()
+        return proxy.start_refused(), proxy.log()
 
     def test_route_to_unknown_backend(self):
         root = self.mktemp()
