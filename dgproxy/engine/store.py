@@ -700,10 +700,11 @@ class ObjectStore:
         backend_delim = "/" if delimiter == "/" else None
         stop: list[str] = []  # the frontier, once the backend stopped early
 
-        def enough(objects: list[StoredObject], prefixes: list[str]) -> bool:
+        def more(objects: list[StoredObject], prefixes: list[str]) -> int:
+            """How many more complete entries the page needs (0: it is certain)."""
             last = max(objects[-1].key if objects else "", prefixes[-1] if prefixes else "")
             if not last:
-                return False
+                return limit + 1
             bound = listing_frontier(last)
             entries = set()
             for obj in objects:
@@ -720,12 +721,12 @@ class ObjectStore:
                 entries = {e for e in entries if e > after}
             if len(entries) > limit:
                 stop.append(bound)
-                return True
-            return False
+                return 0
+            return limit + 1 - len(entries)
 
         stored, prefixes = await self.backend.list(
             bucket, prefix, backend_delim, start_after=after,
-            enough=enough if limit is not None else None)
+            more=more if limit is not None else None)
         bound = stop[0] if stop else None
         latest: dict[str, ObjectVersion] = {}
         for obj in stored:

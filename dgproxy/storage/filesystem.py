@@ -369,13 +369,13 @@ class FilesystemBackend:
             directory = os.path.dirname(directory)
 
     def list(self, bucket: str, prefix: str, delimiter: Optional[str],
-             start_after: Optional[str] = None, enough=None) -> defer.Deferred:
-        return deferToThread(self._list, bucket, prefix, delimiter, start_after, enough)
+             start_after: Optional[str] = None, more=None) -> defer.Deferred:
+        return deferToThread(self._list, bucket, prefix, delimiter, start_after, more)
 
     def _list(self, bucket: str, prefix: str, delimiter: Optional[str],
-              start_after: Optional[str] = None, enough=None):
+              start_after: Optional[str] = None, more=None):
         """Names first (cheap), then, in key order, the stat and metadata read
-        of each (what costs), in batches, stopping once C{enough} is true."""
+        of each (what costs), in batches, until C{more} wants no more."""
         base = self._objects_dir(bucket)
         if not os.path.isdir(base):
             raise BucketMissing(bucket)
@@ -429,8 +429,8 @@ class FilesystemBackend:
                 obj = self._stat_path(key, path)
                 if obj is not None:
                     objects.append(obj)
-            if (enough is not None and i % LIST_BATCH == 0 and i < len(names)
-                    and enough(objects, prefixes)):
+            if (more is not None and i % LIST_BATCH == 0 and i < len(names)
+                    and more(objects, prefixes) <= 0):
                 break
         return objects, prefixes
 

@@ -138,11 +138,12 @@ class IBackend(Interface):
         """Deferred bool: whether something was deleted."""
 
     def list(bucket: str, prefix: str, delimiter: Optional[str],
-             start_after: Optional[str] = None, enough=None):
+             start_after: Optional[str] = None, more=None):
         """Deferred (objects, prefixes): stored objects whose key starts with
         C{prefix} (sorted by key) and, with delimiter '/', the sub-prefixes.
 
         Both keywords are hints for a backend that lists in pages: it may
-        skip keys up to C{start_after}, and it stops after the page for
-        which C{enough(objects, prefixes)} (all listed so far) is true.
+        skip keys up to C{start_after}, and after each page it asks
+        C{more(objects, prefixes)} (all listed so far) how many more entries
+        are wanted: it stops at 0, and may size its next page by the answer.
         Others return everything."""

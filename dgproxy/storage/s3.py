@@ -766,9 +766,11 @@ class S3Backend:
 
     async def list(self, bucket: str, prefix: str, delimiter: Optional[str],
                    with_metadata: bool = True, start_after: Optional[str] = None,
-                   enough=None):
+                   more=None):
         """Stored objects under C{prefix} and the common prefixes: all pages,
-        or (with C{enough}) the pages up to the one after which it is true.
+        or (with C{more}) pages until it answers 0, each next one sized to about
+        twice what it still wants: the page after a full one usually only
+        has to show that a client's page is complete.
 
         Delta blobs need their original size and ETag: those come from one
         HEAD each, cached by the upstream ETag, so a repeated listing costs
@@ -776,8 +778,9 @@ class S3Backend:
         objects: list[StoredObject] = []
         prefixes: list[str] = []
         token = None
+        page = 1000
         while True:
-            query = {"list-type": "2", "prefix": prefix, "max-keys": "1000"}
+            query = {"list-type": "2", "prefix": prefix, "max-keys": str(page)}
             if delimiter:
                 query["delimiter"] = delimiter
             if token:
@@ -801,8 +804,13 @@ class S3Backend:
             if (root.findtext(S3_NS + "IsTruncated") or "false") != "true":
                 break
             token = root.findtext(S3_NS + "NextContinuationToken")
-            if not token or (enough is not None and enough(objects, prefixes)):
+            if not token:
                 break
+            if more is not None:
+                wanted = more(objects, prefixes)
+                if wanted <= 0:
+                    break
+                page = min(1000, max(32, 2 * wanted))
         if with_metadata:
             objects = await self._with_list_metadata(bucket, objects)
         return objects, prefixes

@@ -454,17 +454,17 @@ class ListTests(FilesystemTestCase):
     @inline
     async def test_paging_hints_stop_early_and_skip_what_came_before(self):
         """The listing reads metadata in key order, LIST_BATCH objects at a
-        time, and stops once the caller's C{enough} says so; what it returns
+        time, and stops once the caller's C{more} wants none; what it returns
         is then the start of the full listing. C{start_after} skips keys."""
         self.patch(filesystem, "LIST_BATCH", 2)
         full, _ = await self.keys()
         looked = []
 
-        def enough(objects, prefixes):
+        def more(objects, prefixes):
             looked.append(len(objects))
-            return len(objects) >= 4
+            return 4 - len(objects)
 
-        objects, _ = await self.backend.list("b", "", None, enough=enough)
+        objects, _ = await self.backend.list("b", "", None, more=more)
         got = [o.key for o in objects]
         self.assertEqual(got, full[:len(got)])
         self.assertEqual(len(got), 4)
@@ -472,7 +472,7 @@ class ListTests(FilesystemTestCase):
         objects, _ = await self.backend.list("b", "", None, start_after="dir/sub/2.txt")
         self.assertEqual([o.key for o in objects], full[full.index("dir/sub/2.txt") + 1:])
         objects, prefixes = await self.backend.list("b", "", "/", start_after="a.txt",
-                                                    enough=lambda o, p: True)
+                                                    more=lambda o, p: 0)
         self.assertEqual(([o.key for o in objects], prefixes), (["dirt.txt"], ["dir/"]))
 
 

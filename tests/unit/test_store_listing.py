@@ -12,8 +12,9 @@ page cut from the full listing.
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from typing import Optional
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from twisted.internet import defer
 from twisted.trial import unittest
 
@@ -28,16 +29,17 @@ T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 class PagedBackend:
     """Lists sorted stored keys in pages of C{page} entries, S3 style: with
     delimiter '/', keys collapse into common prefixes, which count toward
-    the page; C{start_after} and C{enough} are honoured."""
+    the page; C{start_after} and C{more} are honoured, C{more}'s answer
+    sizing the next page when C{page} is None (as S3Backend does)."""
 
     name = "paged"
 
-    def __init__(self, blobs: dict[str, StoredObject], page: int):
+    def __init__(self, blobs: dict[str, StoredObject], page: Optional[int]):
         self.blobs = blobs
         self.page = page
         self.pages_listed = 0
 
-    def list(self, bucket, prefix, delimiter, start_after=None, enough=None):
+    def list(self, bucket, prefix, delimiter, start_after=None, more=None):
         entries: list[tuple[str, object]] = []
         seen_prefixes = set()
         for key in sorted(self.blobs, key=lambda k: k.encode("utf-8")):
@@ -53,15 +55,20 @@ class PagedBackend:
                     continue
             entries.append((key, self.blobs[key]))
         objects, prefixes = [], []
-        for i in range(0, len(entries), self.page):
+        at, size = 0, self.page or 3
+        while at < len(entries):
             self.pages_listed += 1
-            for key, obj in entries[i:i + self.page]:
+            for key, obj in entries[at:at + size]:
                 if obj is None:
                     prefixes.append(key)
                 else:
                     objects.append(obj)
-            if i + self.page < len(entries) and enough is not None and enough(objects, prefixes):
-                break
+            at += size
+            if at < len(entries) and more is not None:
+                wanted = more(objects, prefixes)
+                if wanted <= 0:
+                    break
+                size = self.page or max(1, wanted)
         return defer.succeed((objects, prefixes))
 
 
@@ -110,11 +117,22 @@ def buckets(draw):
     return blobs
 
 
+def _blobs(*stored: str) -> dict[str, StoredObject]:
+    return {k: StoredObject(k, i, T0, None, etag=f"{i:032x}") for i, k in enumerate(stored)}
+
+
+# Client key "a" exists only as a delta, which sorts after a-1, a-2 and a-3.
+LATE_DELTA = _blobs("a-1", "a-2", "a-3", "a.delta")
+
+
 class EarlyStopListingTests(unittest.TestCase):
-    @settings(max_examples=600, deadline=None)
+    @settings(max_examples=1000, deadline=None)
+    @example(LATE_DELTA, "", None, None, 1, 1)
+    @example(LATE_DELTA, "", None, None, 2, None)
+    @example(_blobs("a-/x", "a.delta", "a/y"), "", "/", None, 1, 1)
     @given(buckets(), st.sampled_from(["", "a", "a-", "a/", "b"]),
            st.sampled_from([None, "/", "-"]), st.one_of(st.none(), NAMES),
-           st.integers(1, 6), st.integers(1, 4))
+           st.integers(1, 6), st.one_of(st.none(), st.integers(1, 4)))
     def test_a_page_is_the_page_of_the_full_listing(self, blobs, prefix, delimiter, marker,
                                                     max_keys, backend_page):
         full = page_of(store_over(PagedBackend(blobs, 1000)), prefix, delimiter, marker,
