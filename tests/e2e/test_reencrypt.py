@@ -94,8 +94,10 @@ class ReencryptTests(unittest.TestCase):
     def test_writes_wait_while_the_job_runs_and_a_killed_job_resumes(self):
         first = self.start(config(KEY_A, "ka"))
         # Enough bytes that the job runs for a while on a fast disk: the test
-        # must get a write in while it runs, and kill it before it ends.
-        objects = self.fill(first, "big", 400, size=128 * 1024)
+        # must get a write in while it runs, and kill it before it ends. (At
+        # 128 KiB apiece the job once finished within a second, between two
+        # of the test's writes.)
+        objects = self.fill(first, "big", 400, size=1024 * 1024)
         data_dir = first.data_dir
         first.stop()
         proxy = ProxyProcess(config_yaml=config(KEY_B, "kb", (KEY_A, "ka")), data_dir=data_dir,
@@ -116,7 +118,7 @@ class ReencryptTests(unittest.TestCase):
                 s3.put_object(Bucket="big", Key="k/new.dat", Body=b"during")
             except ClientError as e:
                 refused = e
-            time.sleep(0.02)
+            time.sleep(0.005)
         self.assertIsNotNone(refused, "no write was refused while the job ran:\n" +
                              "\n".join(l for l in proxy.log().splitlines()
                                        if "eencrypt" in l or "big 503" in l)[-3000:])
