@@ -127,6 +127,11 @@ class ReencryptTests(unittest.TestCase):
         # Reads pass meanwhile.
         self.assertEqual(s3.get_object(Bucket="big", Key="k/0001.dat")["Body"].read(),
                          objects["k/0001.dat"])
+        # Writes are refused from the moment the job starts; its state is saved
+        # before its first rewrite. Kill it once that rewrite is on disk.
+        deadline = time.monotonic() + 20
+        while "kb" not in stamps(data_dir, "big").values() and time.monotonic() < deadline:
+            time.sleep(0.01)
         proxy.stop(signal.SIGKILL)
         before = stamps(data_dir, "big")
         self.assertIn("ka", before.values(), "the job finished before it could be killed")
