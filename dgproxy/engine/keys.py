@@ -50,6 +50,17 @@ def user_key_of(stored_key: str) -> str | None:
     return stored_key
 
 
+def common_prefix_of(key: str, prefix: str, delimiter: str | None) -> str | None:
+    """The common prefix a listing under C{prefix} collapses C{key} into (up
+    to and including the first C{delimiter} after C{prefix}), or None when
+    the key is listed as itself."""
+    if delimiter:
+        cut = key.find(delimiter, len(prefix))
+        if cut >= 0:
+            return key[:cut + len(delimiter)]
+    return None
+
+
 def listing_frontier(last_stored: str) -> str:
     """The smallest client key whose blobs may not all have been listed yet,
     when a listing in stored-key order has got as far as C{last_stored}.

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from dgproxy import TOOL_NAME
 from dgproxy.engine.codec import Codec, CodecError, OutputTooLarge
 from dgproxy.engine.keys import (
-    INTERNAL_PREFIX, ObjectKey, listing_frontier, reference_key, user_key_of)
+    INTERNAL_PREFIX, ObjectKey, common_prefix_of, listing_frontier, reference_key, user_key_of)
 from dgproxy.engine.policy import DeltaPolicy
 from dgproxy.engine.references import ReferenceCorrupt, ReferenceFile, References
 from dgproxy.engine.spool import Spool, SpoolFile
@@ -692,7 +692,7 @@ class ObjectStore:
                    after: Optional[str] = None, limit: Optional[int] = None):
         """(versions sorted by key, common prefixes) under C{prefix}.
 
-        With C{limit}, a backend that lists in pages (S3) stops once more than
+        With C{limit}, the backend (S3 pages, filesystem metadata batches) stops once more than
         C{limit} entries after C{after} are complete, instead of listing the
         whole prefix for every page a client asks for; entries past that
         point are left out, so a page cut at C{limit} is whole and correct.
@@ -709,13 +709,8 @@ class ObjectStore:
             entries = set()
             for obj in objects:
                 key = user_key_of(obj.key)
-                if key is None or not key.startswith(prefix) or key >= bound:
-                    continue
-                if delimiter:
-                    cut = key.find(delimiter, len(prefix))
-                    if cut >= 0:
-                        key = key[:cut + len(delimiter)]
-                entries.add(key)
+                if key is not None and key.startswith(prefix) and key < bound:
+                    entries.add(common_prefix_of(key, prefix, delimiter) or key)
             entries.update(p for p in prefixes if p < bound and not p.startswith(INTERNAL_PREFIX))
             if after is not None:
                 entries = {e for e in entries if e > after}

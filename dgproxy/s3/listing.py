@@ -11,6 +11,7 @@ import binascii
 from dataclasses import dataclass
 from typing import Generic, Optional, Sequence, TypeVar
 
+from dgproxy.engine.keys import common_prefix_of
 from dgproxy.s3 import errors
 
 T = TypeVar("T")
@@ -55,12 +56,10 @@ def paginate(objects: Sequence[tuple[str, T]], prefixes: Sequence[str], prefix: 
     for key, value in objects:
         if not key.startswith(prefix):
             continue
-        if delimiter:
-            rest = key[len(prefix):]
-            cut = rest.find(delimiter)
-            if cut >= 0:
-                collapsed.add(prefix + rest[: cut + len(delimiter)])
-                continue
+        common = common_prefix_of(key, prefix, delimiter)
+        if common is not None:
+            collapsed.add(common)
+            continue
         kept.append((key, value))
     entries: list[tuple[bytes, str, Optional[T], bool]] = (
         [(k.encode("utf-8"), k, v, False) for k, v in kept] +

@@ -142,8 +142,8 @@ class IBackend(Interface):
         """Deferred (objects, prefixes): stored objects whose key starts with
         C{prefix} (sorted by key) and, with delimiter '/', the sub-prefixes.
 
-        Both keywords are hints for a backend that lists in pages: it may
-        skip keys up to C{start_after}, and after each page it asks
+        Both keywords are hints: a backend may skip keys up to C{start_after},
+        and after each page (S3) or batch (filesystem) it asks
         C{more(objects, prefixes)} (all listed so far) how many more entries
         are wanted: it stops at 0, and may size its next page by the answer.
-        Others return everything."""
+        A backend may also ignore them and return everything."""
