@@ -79,12 +79,13 @@ InternalError = _factory(
 
 
 # Upstream answers that mean the service refused dgproxy's own credentials,
-# clock, account or KMS key (any "KMS.*" code): nothing the client could
-# change, so not passed on.
+# clock, account, signing or KMS key (any "KMS.*" code): nothing the client
+# could change, so not passed on.
 _BACKEND_REFUSALS = frozenset({
     "AccessDenied", "AccountProblem", "AllAccessDisabled", "AuthorizationHeaderMalformed",
     "ExpiredToken", "InvalidAccessKeyId", "InvalidSecurity", "InvalidToken",
-    "RequestTimeTooSkewed", "SignatureDoesNotMatch", "TokenRefreshRequired"})
+    "RequestTimeTooSkewed", "SignatureDoesNotMatch", "TokenRefreshRequired",
+    "XAmzContentSHA256Mismatch"})
 _UPSTREAM_CODE = re.compile(r"[A-Za-z][A-Za-z0-9.]{0,63}")
 _UNPRINTABLE = re.compile(r"[^\t\x20-\x7e\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 

@@ -23,6 +23,7 @@ from urllib.parse import quote
 import treq
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
+from botocore.config import Config
 from botocore.credentials import Credentials
 from twisted.internet import defer, error as net_error, task
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -49,6 +50,21 @@ from dgproxy.wire import feed_head_apart, parse_http_date
 log = Logger(namespace="dgproxy.storage.s3")
 
 UNSIGNED = "UNSIGNED-PAYLOAD"
+# Bodies are streamed, so their hash is not known when the request is
+# signed: say so. Without this botocore signs the hash of the (empty)
+# AWSRequest body, which AWS, MinIO and Ceph refuse for any upload
+# (XAmzContentSHA256Mismatch); SeaweedFS does not check.
+_UNSIGNED_BODIES = Config(s3={"payload_signing_enabled": False})
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+
+
+def host_header(url: str) -> str:
+    """The Host a request to C{url} carries (the port only when not the
+    scheme's default), as Twisted's Agent and botocore's signer both derive it."""
+    scheme, _, rest = url.partition("://")
+    netloc = rest.split("/", 1)[0].split("?", 1)[0]
+    default = _DEFAULT_PORTS.get(scheme)
+    return netloc[:-len(default)] if default and netloc.endswith(default) else netloc
 S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 LIST_HEAD_CONCURRENCY = 10
 
@@ -234,6 +250,8 @@ class S3Client:
         self.region = region
         self.path_style = path_style
         self.credentials = Credentials(access_key or "", secret_key or "") if access_key else None
+        self.signer = (S3SigV4Auth(self.credentials, "s3", region)
+                       if self.credentials is not None else None)
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool._factory = _QuietFactory
         self.pool.maxPersistentPerHost = 32
@@ -267,10 +285,15 @@ class S3Client:
         return url
 
     def _signed_headers(self, method: str, url: str, headers: dict) -> dict:
+        """C{headers} with Host and, given credentials, the SigV4 signature
+        over them (the body unsigned). Host is set here, not left to the
+        Agent, so that what is signed is what is sent."""
         req = AWSRequest(method=method, url=url, headers=dict(headers))
+        req.headers["Host"] = host_header(url)
         req.headers["x-amz-content-sha256"] = UNSIGNED
-        if self.credentials is not None:
-            S3SigV4Auth(self.credentials, "s3", self.region).add_auth(req)
+        if self.signer is not None:
+            req.context["client_config"] = _UNSIGNED_BODIES
+            self.signer.add_auth(req)
         return {k: [v] for k, v in req.headers.items()}
 
     def _send(self, method: str, url: str, headers: dict, body=None,
@@ -332,7 +355,8 @@ class S3Client:
             if body_path is not None:
                 f = open(body_path, "rb")
                 size = os.fstat(f.fileno()).st_size
-                hdrs["Content-Length"] = str(size)
+                # Content-Length comes from the producer: a copy in the
+                # headers would be sent twice, and signed as one.
                 data = FileBodyProducer(f, readSize=256 * 1024)
                 progress = _sent_of(f, size)
             try:

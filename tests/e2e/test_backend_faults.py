@@ -20,7 +20,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from twisted.trial import unittest
 
 from tests.e2e.harness import ProxyProcess
-from tests.e2e.test_native_sse import FakeS3
+from tests.e2e.test_native_sse import FAKE_ACCESS_KEY, FAKE_SECRET, FakeS3
 from tests.e2e.test_routing import routing_yaml
 from tests.e2e.test_s3_backend import (
     ClassFixture, WeedServer, etag, list_all, random_bytes, s3_error, stored_objects,
@@ -195,8 +195,8 @@ def proxy_on_fake_s3(test: unittest.TestCase, **env: str) -> tuple[FakeS3, Proxy
     test.addCleanup(fake.stop)
     proxy = ProxyProcess(env={
         "DGP_S3_ENDPOINT": fake.endpoint, "DGP_S3_REGION": "us-east-1",
-        "DGP_BE_AWS_ACCESS_KEY_ID": "AKIDFAKEUPSTREAM0001",
-        "DGP_BE_AWS_SECRET_ACCESS_KEY": "fake-upstream-secret", **env})
+        "DGP_BE_AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY,
+        "DGP_BE_AWS_SECRET_ACCESS_KEY": FAKE_SECRET, **env})
     test.addCleanup(proxy.cleanup)
     proxy.start()
     return fake, proxy

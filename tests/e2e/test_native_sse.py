@@ -31,8 +31,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from xml.sax.saxutils import escape
 
 from botocore.exceptions import ClientError
+from datetime import datetime, timezone
 from twisted.trial import unittest
 
+from dgproxy.auth import sigv4
 from tests.e2e.artifacts import make_tar
 from tests.e2e.harness import ProxyProcess
 from tests.e2e.seaweed import WEED, Seaweed
@@ -47,6 +49,9 @@ S3_XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
 YAML_KMS_KEY = "arn:aws:kms:eu-west-1:123456789012:key/1111aaaa-yaml-from-config"
 ENV_KMS_KEY = "alias/dgproxy-from-env"
 PART = 5 * 1024 * 1024
+# What FakeS3 accepts, as AWS would: these credentials, and a body that
+# matches the x-amz-content-sha256 it was signed with.
+FAKE_ACCESS_KEY, FAKE_SECRET = "AKIDFAKEUPSTREAM0001", "fake-upstream-secret"
 
 
 # -- a recording, in-memory S3 ---------------------------------------------------------------
@@ -105,11 +110,12 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "PUT" and key in fake.hangs:  # took the body, then silence
             time.sleep(fake.hangs[key])
         headers = {k.lower(): v for k, v in self.headers.items()}
+        refused = _refusal(self.command, url, self.headers, body)
         with fake.lock:
             fake.requests.append(Recorded(self.command, bucket, key, query, headers,
                                           body[:16], len(body)))
-            status, out_headers, out_body = fake.respond(self.command, bucket, key, query,
-                                                         headers, body)
+            status, out_headers, out_body = refused or fake.respond(
+                self.command, bucket, key, query, headers, body)
         self.send_response(status)
         for name, value in out_headers.items():
             self.send_header(name, value)
@@ -139,6 +145,32 @@ def _error(status: int, code: str, message: str = ""):
     return status, {"Content-Type": "application/xml"}, body
 
 
+def _refusal(method: str, url, headers, body: bytes):
+    """AWS's answer to a request it would not take, or None: a signed request
+    must carry a valid SigV4 signature by FAKE_ACCESS_KEY, and a body whose
+    SHA-256 is the x-amz-content-sha256 it was signed with (AWS checks both;
+    SeaweedFS checks only the first)."""
+    if not headers.get("Authorization"):
+        return None  # an anonymous backend
+    received = {}
+    for name, value in headers.items():
+        received.setdefault(name.lower(), []).append(value)
+    now = datetime.now(timezone.utc)
+    try:
+        auth = sigv4.verify(sigv4.SignedRequest(method, url.path.encode(), url.query.encode(),
+                                                received), {FAKE_ACCESS_KEY: FAKE_SECRET}.get,
+                            now, 900)
+    except sigv4.AuthFailure as e:
+        return _error(403, "SignatureDoesNotMatch", f"{e.reason}: {e.error.code}")
+    declared = auth.payload_hash
+    if declared != "UNSIGNED-PAYLOAD" and not declared.startswith("STREAMING-") \
+            and declared != hashlib.sha256(body).hexdigest():
+        return _error(400, "XAmzContentSHA256Mismatch",
+                      "The provided 'x-amz-content-sha256' header does not match what "
+                      "was computed.")
+    return None
+
+
 def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(t))
 
@@ -146,7 +178,9 @@ def _iso(t: float) -> str:
 class FakeS3:
     """Just enough S3 for dgproxy (ListBuckets, bucket HEAD/PUT/DELETE, object
     PUT/GET/HEAD/DELETE with Range and If-None-Match, ListObjectsV2), kept in
-    memory, with every request recorded. Path-style addressing only."""
+    memory, with every request recorded. Path-style addressing only. Like AWS
+    it refuses a signed request whose signature or body hash does not hold
+    (L{_refusal})."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -381,14 +415,14 @@ class FakeS3NativeSSETests(NativeCase):
     def named_config(self, encryption: str, name: str = "kms-vault") -> str:
         return ("storage:\n  backends:\n"
                 f"    - name: {name}\n      type: s3\n      endpoint: {self.fake.endpoint}\n"
-                "      region: eu-west-1\n      access_key_id: AKIDFAKEUPSTREAM0001\n"
-                "      secret_access_key: fake-upstream-secret\n"
+                f"      region: eu-west-1\n      access_key_id: {FAKE_ACCESS_KEY}\n"
+                f"      secret_access_key: {FAKE_SECRET}\n"
                 f"      encryption: {encryption}\n")
 
     def singleton_env(self) -> dict:
         return {"DGP_S3_ENDPOINT": self.fake.endpoint, "DGP_S3_REGION": "eu-west-1",
-                "DGP_BE_AWS_ACCESS_KEY_ID": "AKIDFAKEUPSTREAM0001",
-                "DGP_BE_AWS_SECRET_ACCESS_KEY": "fake-upstream-secret"}
+                "DGP_BE_AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY,
+                "DGP_BE_AWS_SECRET_ACCESS_KEY": FAKE_SECRET}
 
     def assertNativePuts(self, bucket: str, mode: str, kms_key: Optional[str] = None,
                          bucket_key: bool = True) -> list[Recorded]:

@@ -64,6 +64,30 @@ class AddressingTests(unittest.TestCase):
         with self.assertRaises(AuthFailure):
             verify_as_received(moved, headers)
 
+    def test_bodies_are_declared_unsigned(self):
+        """An upload's body is streamed, so its hash cannot be signed: the
+        request must say UNSIGNED-PAYLOAD, over HTTP as over HTTPS. (botocore
+        left to itself signs the hash of an empty body, which AWS, MinIO and
+        Ceph refuse for every upload.)"""
+        for endpoint in (AWS, "http://127.0.0.1:8333"):
+            c = client(True, endpoint)
+            url = c.url("bkt", "rel/app.tar")
+            headers = c._signed_headers("PUT", url, {"Content-Type": "application/x-tar"})
+            self.assertEqual(headers["X-Amz-Content-SHA256"], ["UNSIGNED-PAYLOAD"], endpoint)
+            self.assertEqual(verify_as_received(url, headers).payload_hash, "UNSIGNED-PAYLOAD")
+
+    def test_the_signed_host_is_the_one_sent(self):
+        """Host is in the headers handed to the Agent (which then adds none of
+        its own), without the scheme's default port, as the service sees it."""
+        for endpoint, host in ((AWS, "s3.eu-central-1.amazonaws.com"),
+                               ("http://127.0.0.1:8333", "127.0.0.1:8333"),
+                               ("http://minio.internal:80", "minio.internal"),
+                               ("https://[::1]:9000", "[::1]:9000")):
+            headers = client(True, endpoint)._signed_headers(
+                "GET", client(True, endpoint).url("bkt", "k"), {})
+            self.assertEqual(headers["Host"], [host], endpoint)
+            self.assertIn("host;", headers["Authorization"][0])
+
     def test_no_credentials_means_no_signature(self):
         c = S3Client(task.Clock(), "anon", AWS, "eu-central-1", None, None)
         headers = c._signed_headers("GET", c.url("b", "k"), {})
