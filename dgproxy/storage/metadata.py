@@ -7,6 +7,8 @@ proxies read each other's data directories.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 from dataclasses import dataclass, field, replace
@@ -173,6 +175,35 @@ META_PREFIX = "x-amz-meta-"
 USER_PREFIX = "user-"
 
 
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*")
+_ENCODED_WORD = re.compile(r"=\?utf-8\?b\?([A-Za-z0-9+/]*={0,2})\?=", re.IGNORECASE)
+
+
+def header_value(value: str) -> str:
+    """C{value} as an S3 metadata header can carry it. Printable ASCII goes
+    as it is; anything else (a key's non-ASCII or control characters, which
+    end up in C{dg-original-name}) as an RFC 2047 encoded word: AWS refuses
+    or rewrites other bytes in C{x-amz-meta-*} values and returns its own
+    non-ASCII metadata in this form, Go servers refuse control characters,
+    and Twisted turns CR and LF into spaces."""
+    if _PRINTABLE_ASCII.fullmatch(value):
+        return value
+    raw = value.encode("utf-8", "surrogatepass")
+    return "=?UTF-8?B?" + base64.b64encode(raw).decode("ascii") + "?="
+
+
+def header_text(value: str) -> str:
+    """The value L{header_value} encoded (or AWS did): an RFC 2047 B-encoded
+    UTF-8 word decoded, anything else as it is."""
+    m = _ENCODED_WORD.fullmatch(value)
+    if m is None:
+        return value
+    try:
+        return base64.b64decode(m.group(1), validate=True).decode("utf-8", "surrogatepass")
+    except (binascii.Error, UnicodeDecodeError):
+        return value
+
+
 def to_s3_headers(meta: ObjectMetadata, stored_key: str) -> dict[str, str]:
     """The C{x-amz-meta-*} headers for C{meta}: the union of what the Rust
     proxy and the Python C{deltaglider} tool read, so both can read it."""
@@ -205,7 +236,7 @@ def to_s3_headers(meta: ObjectMetadata, stored_key: str) -> dict[str, str]:
         h["content-type"] = meta.content_type
     for k, v in meta.user_metadata.items():
         h[USER_PREFIX + k.lower()] = v
-    return {META_PREFIX + k: v for k, v in h.items()}
+    return {META_PREFIX + k: header_value(v) for k, v in h.items()}
 
 
 def _alias(bare: Mapping[str, str], *names: str) -> Optional[str]:
@@ -221,7 +252,8 @@ def from_s3_headers(headers: Mapping[str, str], size: int,
                     last_modified: datetime) -> Optional[ObjectMetadata]:
     """Our metadata from C{x-amz-meta-*} headers (lowercase names), written by
     dgproxy, the Rust proxy or the Python tool; None when it is not ours."""
-    bare = {k[len(META_PREFIX):]: v for k, v in headers.items() if k.startswith(META_PREFIX)}
+    bare = {k[len(META_PREFIX):]: header_text(v)
+            for k, v in headers.items() if k.startswith(META_PREFIX)}
     tool = _alias(bare, "tool")
     name = _alias(bare, "original-name", "source-name")
     sha = _alias(bare, "file-sha256") or ""

@@ -18,7 +18,7 @@ import re
 import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
 from typing import Callable, Optional
-from urllib.parse import quote
+from urllib.parse import quote, unquote_plus
 
 import treq
 from botocore.auth import S3SigV4Auth
@@ -458,6 +458,20 @@ class _PushBody(PauseGate):
             self._finished.callback(None)
 
 
+def _passed_on(d: defer.Deferred) -> defer.Deferred:
+    """A new Deferred that fires with C{d}'s result (which it takes over).
+
+    Awaiting C{d} itself goes wrong from code that runs inside one of C{d}'s
+    own callbacks: it returns the value in hand at that point. A streaming
+    upload on a new connection is such code: the Agent starts the body (and
+    so resumes the writer, which may finish it) from the callback that has
+    the connection, and awaiting the request's Deferred there returned the
+    connection instead of the response."""
+    out = defer.Deferred()
+    d.addBoth(out.callback)
+    return out
+
+
 @implementer(IObjectWriter)
 class _StreamingWriter:
     """Streams a blob straight into an upstream PUT whose headers were sent
@@ -530,7 +544,7 @@ class _StreamingWriter:
                 raise BackendUnavailable(self._backend.name,
                                          "body length differs from the one sent")
             self._body.end()
-            response = await self._response
+            response = await _passed_on(self._response)
         except Exception:
             if not self._gave_up:
                 raise
@@ -804,7 +818,10 @@ class S3Backend:
         token = None
         page = 1000
         while True:
-            query = {"list-type": "2", "prefix": prefix, "max-keys": str(page)}
+            # URL-encoded keys: XML 1.0 cannot carry control characters (Go's
+            # encoder puts U+FFFD in their place) and its parsers turn CR into LF.
+            query = {"list-type": "2", "prefix": prefix, "max-keys": str(page),
+                     "encoding-type": "url"}
             if delimiter:
                 query["delimiter"] = delimiter
             if token:
@@ -815,14 +832,18 @@ class S3Backend:
             if response.code != 200:
                 await self._fail(response, bucket)
             root = parse_xml(await treq.content(response))
+            # Decoded only if the service says it encoded (one that ignores
+            # the parameter sends keys as they are).
+            decoded = (unquote_plus if root.findtext(S3_NS + "EncodingType") == "url"
+                       else str)
             for c in root.iter(S3_NS + "Contents"):
-                key = c.findtext(S3_NS + "Key") or ""
+                key = decoded(c.findtext(S3_NS + "Key") or "")
                 etag = (c.findtext(S3_NS + "ETag") or "").strip('"')
                 objects.append(StoredObject(key, int(c.findtext(S3_NS + "Size") or 0),
                                             _iso(c.findtext(S3_NS + "LastModified") or ""),
                                             None, etag=etag))
             for p in root.iter(S3_NS + "CommonPrefixes"):
-                value = p.findtext(S3_NS + "Prefix") or ""
+                value = decoded(p.findtext(S3_NS + "Prefix") or "")
                 if value.rstrip("/").rpartition("/")[2] != ".dg":
                     prefixes.append(value)
             if (root.findtext(S3_NS + "IsTruncated") or "false") != "true":

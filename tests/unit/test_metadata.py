@@ -17,7 +17,7 @@ from twisted.trial import unittest
 
 from dgproxy.storage.metadata import (
     DELTA, EMPTY_MD5, INTERNAL_REFERENCE_NAME, PASSTHROUGH, REFERENCE, REFERENCE_NAME, XATTR_NAME,
-    MetadataError, ObjectMetadata)
+    MetadataError, ObjectMetadata, from_s3_headers, header_text, header_value, to_s3_headers)
 
 SETTINGS = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -317,3 +317,48 @@ class PropertyTests(unittest.TestCase):
         self.assertGreaterEqual(meta.file_size, 0)
         self.assertIn(meta.note, (PASSTHROUGH, DELTA, REFERENCE))
 
+
+
+class S3HeaderTests(unittest.TestCase):
+    """Metadata as C{x-amz-meta-*} headers on an S3 backend: a key may hold any
+    character, and its name goes into C{dg-original-name} (its deltaspace into
+    C{dg-ref-key}); on the wire only printable ASCII survives every service."""
+
+    def test_printable_ascii_goes_as_it_is(self):
+        for value in ("app-1.0.tar", "", "a b=c?d", "=?not-a-word"):
+            self.assertEqual(header_value(value), value)
+
+    def test_anything_else_is_an_encoded_word(self):
+        self.assertEqual(header_value("r\u00e9sum\u00e9.pdf"), "=?UTF-8?B?csOpc3Vtw6kucGRm?=")
+        self.assertEqual(header_value("a\x01b"), "=?UTF-8?B?YQFi?=")
+        self.assertEqual(header_value("c\rd"), "=?UTF-8?B?Yw1k?=")
+
+    def test_words_aws_writes_are_read(self):
+        self.assertEqual(header_text("=?utf-8?b?Y2Fmw6k=?="), "caf\u00e9")
+        for kept in ("=?UTF-8?B?***?=", "=?UTF-8?B?/w==?=", "=?ISO-8859-1?B?6Q==?=", "plain"):
+            self.assertEqual(header_text(kept), kept)
+
+    @SETTINGS
+    @given(st.text(max_size=60))
+    def test_any_text_round_trips_in_printable_ascii(self, value):
+        sent = header_value(value)
+        self.assertRegex(sent, r"^[\x20-\x7e]*$")
+        self.assertEqual(header_text(sent), value)
+
+    @SETTINGS
+    @given(name=st.text(min_size=1, max_size=40), prefix=st.text(max_size=20),
+           user=st.dictionaries(st.text("abcdefghij-", min_size=1, max_size=8),
+                                st.text(max_size=20), max_size=3))
+    def test_metadata_survives_the_wire(self, name, prefix, user):
+        """Through headers as an HTTP/1.1 peer carries them (bytes, read back
+        as Latin-1), the names and values come back exactly."""
+        meta = delta_meta(original_name=name, user_metadata=user)
+        key = f"{prefix}/{name}.delta"
+        headers = to_s3_headers(meta, key)
+        received = {k: v.encode("ascii").decode("latin-1") for k, v in headers.items()}
+        back = from_s3_headers(received, 61234, WHEN)
+        self.assertEqual(back.original_name, name)
+        self.assertEqual(back.user_metadata, user)
+        deltaspace = key.rpartition("/")[0]
+        self.assertEqual(header_text(received["x-amz-meta-dg-ref-key"]),
+                         f"{deltaspace}/{REFERENCE_NAME}" if deltaspace else REFERENCE_NAME)
