@@ -12,6 +12,7 @@ visible upstream until the blob is complete.
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import re
@@ -19,6 +20,7 @@ import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
 from typing import Callable, Optional
 from urllib.parse import quote, unquote_plus
+from xml.sax.saxutils import escape as xml_escape
 
 import treq
 from botocore.auth import S3SigV4Auth
@@ -340,8 +342,12 @@ class S3Client:
 
     async def request(self, method: str, bucket: Optional[str], key: Optional[str] = None,
                       query: Optional[dict] = None, headers: Optional[dict] = None,
-                      body_path: Optional[str] = None, idempotent: bool = True):
-        """Send one request; returns the (unbuffered) response.
+                      body_path: Optional[str] = None, idempotent: bool = True,
+                      body_range: Optional[tuple[int, int]] = None,
+                      body: Optional[bytes] = None):
+        """Send one request; returns the (unbuffered) response. The body is
+        C{body}, or the file at C{body_path} (only the (offset, length)
+        C{body_range} of it, if given).
 
         Connection failures and 5xx answers are retried with backoff for
         idempotent calls; a backend that stays unreachable raises
@@ -354,11 +360,17 @@ class S3Client:
             hdrs = dict(headers or {})
             if body_path is not None:
                 f = open(body_path, "rb")
-                size = os.fstat(f.fileno()).st_size
+                if body_range is not None:
+                    f = _FileSlice(f, *body_range)
+                    size = body_range[1]
+                else:
+                    size = os.fstat(f.fileno()).st_size
                 # Content-Length comes from the producer: a copy in the
                 # headers would be sent twice, and signed as one.
                 data = FileBodyProducer(f, readSize=256 * 1024)
                 progress = _sent_of(f, size)
+            elif body is not None:
+                data = FileBodyProducer(io.BytesIO(body))
             try:
                 response = await self._send(method, url, hdrs, data, timeout=self.read_timeout,
                                             progress=progress)
@@ -407,6 +419,34 @@ class S3Client:
         except Exception:
             pass
         return UpstreamError(response.code, code, message)
+
+
+class _FileSlice:
+    """C{length} bytes of an open file from C{offset} on, as a file of its
+    own to L{FileBodyProducer} (which learns the length by seeking to the end)."""
+
+    def __init__(self, f, offset: int, length: int):
+        self._f, self._start, self._end = f, offset, offset + length
+        f.seek(offset)
+
+    def read(self, n: int = -1) -> bytes:
+        left = self._end - self._f.tell()
+        return self._f.read(left if n is None or n < 0 else min(n, left)) if left > 0 else b""
+
+    def tell(self) -> int:
+        return self._f.tell() - self._start
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: self._start, os.SEEK_CUR: self._f.tell(), os.SEEK_END: self._end}
+        self._f.seek(min(max(base[whence] + offset, self._start), self._end))
+        return self.tell()
+
+    def close(self) -> None:
+        self._f.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._f.closed
 
 
 def _sent_of(f, size: int) -> Callable[[], int]:
@@ -751,7 +791,8 @@ class S3Backend:
         """A writer. With the size and the metadata known up front (C{hint},
         hashes not needed), the body streams straight upstream; otherwise it
         is spooled and PUT at commit, once its hashes are known."""
-        if size is None or hint is None or self.native_sse is not None:
+        if (size is None or hint is None or self.native_sse is not None
+                or hint.multipart_etag is not None):
             return _SpoolingWriter(self, bucket, key, self.spool.create("upload"))
         headers = {"Content-Type": "application/octet-stream", **to_s3_headers(hint, key)}
         body = _PushBody(size)
@@ -771,6 +812,8 @@ class S3Backend:
             else:
                 headers["x-amz-server-side-encryption"] = "AES256"
             headers["x-amz-meta-dg-encrypted-native"] = self.native_sse["mode"]
+        if meta.multipart_etag is not None and not exclusive:
+            return await self._put_file_in_parts(bucket, key, path, headers)
         if exclusive:
             headers["If-None-Match"] = "*"
         response = await self.client.request("PUT", bucket, key, headers=headers,
@@ -778,12 +821,70 @@ class S3Backend:
         if response.code in (200, 201):
             await treq.content(response)
             return
+        raise await self._refusal(response, bucket, key)
+
+    async def _refusal(self, response, bucket: str, key: str) -> Exception:
         err = await self.client.error_of(response)
         if err.status == 412:
-            raise AlreadyExists(key)
+            return AlreadyExists(key)
         if err.code == "NoSuchBucket":
-            raise BucketMissing(bucket)
-        raise err
+            return BucketMissing(bucket)
+        return err
+
+    async def _put_file_in_parts(self, bucket: str, key: str, path: str, headers: dict) -> None:
+        """Store an object a client uploaded in parts as an upstream multipart
+        upload: its upstream ETag then ends in C{-N}, which tells a listing to
+        look up its metadata (the client's ETag is the multipart one, not the
+        MD5 a single PUT gets), and it may be larger than a PUT's 5 GiB.
+        Each part is retried on its own; on failure the upload is aborted."""
+        response = await self.client.request("POST", bucket, key, query={"uploads": None},
+                                             headers=headers, idempotent=False)
+        if response.code != 200:
+            raise await self._refusal(response, bucket, key)
+        upload_id = parse_xml(await treq.content(response)).findtext(S3_NS + "UploadId")
+        if not upload_id:
+            raise UpstreamError(500, "InternalError", "CreateMultipartUpload gave no UploadId")
+        try:
+            size = os.path.getsize(path)
+            part = upstream_part_size(size)
+            etags = []
+            for number, offset in enumerate(range(0, max(size, 1), part), 1):
+                response = await self.client.request(
+                    "PUT", bucket, key, query={"partNumber": str(number), "uploadId": upload_id},
+                    body_path=path, body_range=(offset, min(part, size - offset)))
+                if response.code != 200:
+                    raise await self._refusal(response, bucket, key)
+                await treq.content(response)
+                etags.append(response.headers.getRawHeaders(b"etag", [b""])[0].decode("latin-1"))
+            listing = "".join(f"<Part><PartNumber>{n}</PartNumber><ETag>{xml_escape(e)}</ETag>"
+                              "</Part>" for n, e in enumerate(etags, 1))
+            response = await self.client.request(
+                "POST", bucket, key, query={"uploadId": upload_id}, idempotent=False,
+                body=f"<CompleteMultipartUpload>{listing}</CompleteMultipartUpload>".encode())
+            if response.code != 200:
+                raise await self._refusal(response, bucket, key)
+            # A Complete can fail after its 200 has begun: the error is the body.
+            answer = parse_xml(await treq.content(response))
+            if answer.tag != S3_NS + "CompleteMultipartUploadResult":
+                raise UpstreamError(500, answer.findtext("Code") or "InternalError",
+                                    answer.findtext("Message") or "Complete failed")
+        except BaseException:
+            self._abandon(bucket, key, upload_id)
+            raise
+
+    def _abandon(self, bucket: str, key: str, upload_id: str) -> None:
+        """Abort an upstream multipart upload, in the background: its parts
+        cost storage until then (a bucket lifecycle rule catches what a
+        failed abort leaves)."""
+        def done(response):
+            return treq.content(response)
+
+        d = defer.ensureDeferred(self.client.request(
+            "DELETE", bucket, key, query={"uploadId": upload_id}))
+        d.addCallback(done)
+        d.addErrback(lambda f: log.warn(
+            "S3 backend '{backend}': could not abort upload {upload} of {key}: {error}",
+            backend=self.name, upload=upload_id, key=key, error=f.getErrorMessage()))
 
     async def discard(self, bucket: str, key: str) -> None:
         """One DELETE; S3 answers 204 whether or not the key existed."""
@@ -885,6 +986,14 @@ class S3Backend:
             [sem.run(lambda i=i: defer.ensureDeferred(fill(i))) for i in need],
             consumeErrors=True)
         return objects
+
+
+def upstream_part_size(size: int) -> int:
+    """Part size for storing C{size} bytes as an upstream multipart upload:
+    16 MiB, or more where 10,000 parts (S3's most) would not hold it."""
+    mib = 1024 * 1024
+    smallest = -(-size // 10_000)
+    return max(16 * mib, -(-smallest // mib) * mib)
 
 
 def _internal(key: str) -> bool:

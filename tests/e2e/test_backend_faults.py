@@ -260,6 +260,46 @@ class SilentBackendTests(unittest.TestCase):
 
 
 
+class UpstreamMultipartTests(unittest.TestCase):
+    """An object a client uploaded in parts is stored as an upstream
+    multipart upload; one that fails midway is aborted upstream, and
+    nothing of it is visible."""
+
+    def setUp(self):
+        self.fake, self.proxy = proxy_on_fake_s3(self)
+        self.s3 = self.proxy.client()
+        self.s3.create_bucket(Bucket="parts")
+
+    def upload(self, key: str, parts: list[bytes]) -> str:
+        uid = self.s3.create_multipart_upload(Bucket="parts", Key=key)["UploadId"]
+        done = [{"PartNumber": n, "ETag": self.s3.upload_part(
+            Bucket="parts", Key=key, UploadId=uid, PartNumber=n, Body=body)["ETag"]}
+            for n, body in enumerate(parts, 1)]
+        return self.s3.complete_multipart_upload(Bucket="parts", Key=key, UploadId=uid,
+                                                 MultipartUpload={"Parts": done})["ETag"]
+
+    def test_a_failed_upstream_part_aborts_the_upstream_upload(self):
+        parts = [os.urandom(6 * 1024 * 1024) for _ in range(3)] + [b"tail"]  # 2 upstream parts
+        self.fake.failed_parts[2] = (500, "InternalError", "disk on fire")
+        self.assertEqual(s3_error(self.upload, "big/one.dat", parts), (500, "InternalError"))
+        self.assertEqual(s3_error(self.s3.head_object, Bucket="parts", Key="big/one.dat")[0], 404)
+        self.assertNotIn("big/one.dat", self.fake.stored("parts"))
+        deadline = time.monotonic() + 10
+        while self.fake.uploads and time.monotonic() < deadline:  # aborted in the background
+            time.sleep(0.05)
+        self.assertEqual(self.fake.uploads, {}, "the upstream upload was left behind")
+        # Once the service takes parts again, the same upload works.
+        del self.fake.failed_parts[2]
+        etag = self.upload("big/one.dat", parts)
+        self.assertTrue(etag.endswith('-4"'), etag)
+        self.assertTrue(self.fake.stored("parts")["big/one.dat"].etag.endswith("-2"))
+        listed = self.s3.list_objects_v2(Bucket="parts", Prefix="big/")["Contents"]
+        self.assertEqual([o["ETag"] for o in listed], [etag])
+        got = self.s3.get_object(Bucket="parts", Key="big/one.dat")
+        self.assertEqual(got["ETag"], etag)
+        self.assertEqual(got["Body"].read(), b"".join(parts))
+
+
 class UpstreamErrorTests(unittest.TestCase):
     """What a client is told when the S3 service answers with an error: a
     throttle stays a throttle (after dgproxy's own retries of idempotent

@@ -177,7 +177,8 @@ def _iso(t: float) -> str:
 
 class FakeS3:
     """Just enough S3 for dgproxy (ListBuckets, bucket HEAD/PUT/DELETE, object
-    PUT/GET/HEAD/DELETE with Range and If-None-Match, ListObjectsV2), kept in
+    PUT/GET/HEAD/DELETE with Range and If-None-Match, ListObjectsV2, multipart
+    uploads with S3's 5 MiB smallest part), kept in
     memory, with every request recorded. Path-style addressing only. Like AWS
     it refuses a signed request whose signature or body hash does not hold
     (L{_refusal})."""
@@ -186,10 +187,12 @@ class FakeS3:
         self.lock = threading.Lock()
         self.requests: list[Recorded] = []
         self.buckets: dict[str, dict[str, _Stored]] = {}
+        self.uploads: dict[str, tuple] = {}  # upload id -> (bucket, key, headers, {n: body})
         self.stalls: dict[str, float] = {}  # key -> seconds a GET of it goes silent halfway
         self.hangs: dict[str, float] = {}  # key -> seconds a PUT of it waits before answering
         self.stops: dict[str, float] = {}  # key -> seconds a PUT of it stops reading its body
         self.fails: dict[str, tuple] = {}  # key -> (status, code, message) every request gets
+        self.failed_parts: dict[int, tuple] = {}  # part number -> what every UploadPart of it gets
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.server.daemon_threads = True
         self.server.fake = self
@@ -210,6 +213,14 @@ class FakeS3:
     def object_puts(self) -> list[Recorded]:
         with self.lock:
             return [r for r in self.requests if r.method == "PUT" and r.key is not None]
+
+    def object_writes(self) -> list[Recorded]:
+        """The requests that create an object: PUTs (not of a part) and
+        CreateMultipartUpload, where the object's headers go."""
+        with self.lock:
+            return [r for r in self.requests if r.key is not None and (
+                (r.method == "PUT" and "uploadId" not in r.query)
+                or (r.method == "POST" and "uploads" in r.query))]
 
     def object_reads(self) -> list[Recorded]:
         with self.lock:
@@ -238,6 +249,8 @@ class FakeS3:
         objects = self.buckets.get(bucket)
         if objects is None:
             return _error(404, "NoSuchBucket", bucket)
+        if "uploads" in query or "uploadId" in query:
+            return self._multipart(method, bucket, key, query, headers, body)
         if method == "PUT":
             if "x-amz-copy-source" in headers:
                 return _error(501, "NotImplemented", "CopyObject is not faked")
@@ -276,6 +289,45 @@ class FakeS3:
             out["Content-Range"] = f"bytes {start}-{end}/{size}"
         out["Content-Length"] = str(len(data))
         return status, out, data
+
+    def _multipart(self, method, bucket, key, query, headers, body):
+        """Create, UploadPart, Complete and Abort (no listing of uploads)."""
+        if method == "POST" and "uploads" in query:
+            upload_id = f"fake-upload-{len(self.uploads) + 1}"
+            keep = {k: v for k, v in headers.items()
+                    if k.startswith("x-amz-meta-") or k.startswith(SSE) or k == "content-type"}
+            self.uploads[upload_id] = (bucket, key, keep, {})
+            return 200, {"Content-Type": "application/xml"}, (
+                f'<?xml version="1.0" encoding="UTF-8"?><InitiateMultipartUploadResult '
+                f'xmlns="{S3_XMLNS}"><Bucket>{escape(bucket)}</Bucket><Key>{escape(key)}</Key>'
+                f"<UploadId>{upload_id}</UploadId></InitiateMultipartUploadResult>").encode()
+        upload = self.uploads.get(query.get("uploadId", ""))
+        if upload is None or upload[:2] != (bucket, key):
+            return _error(404, "NoSuchUpload", query.get("uploadId", ""))
+        parts = upload[3]
+        if method == "PUT":
+            if int(query["partNumber"]) in self.failed_parts:
+                return _error(*self.failed_parts[int(query["partNumber"])])
+            parts[int(query["partNumber"])] = body
+            return 200, {"ETag": f'"{hashlib.md5(body).hexdigest()}"'}, b""
+        if method == "DELETE":
+            del self.uploads[query["uploadId"]]
+            return 204, {}, b""
+        if method != "POST":
+            return _error(405, "MethodNotAllowed")
+        numbers = [int(n) for n in re.findall(rb"<PartNumber>(\d+)</PartNumber>", body)]
+        if not numbers or numbers != sorted(parts) or any(
+                len(parts[n]) < PART for n in numbers[:-1]):
+            return _error(400, "InvalidPart" if numbers else "MalformedXML")
+        data = b"".join(parts[n] for n in numbers)
+        digest = hashlib.md5(b"".join(hashlib.md5(parts[n]).digest() for n in numbers))
+        etag = f"{digest.hexdigest()}-{len(numbers)}"
+        self.buckets[bucket][key] = _Stored(data, upload[2], etag, time.time())
+        del self.uploads[query["uploadId"]]
+        return 200, {"Content-Type": "application/xml"}, (
+            f'<?xml version="1.0" encoding="UTF-8"?><CompleteMultipartUploadResult '
+            f'xmlns="{S3_XMLNS}"><Key>{escape(key)}</Key><ETag>&quot;{etag}&quot;</ETag>'
+            "</CompleteMultipartUploadResult>").encode()
 
     def _bucket(self, method, bucket, query):
         objects = self.buckets.get(bucket)
@@ -426,9 +478,10 @@ class FakeS3NativeSSETests(NativeCase):
 
     def assertNativePuts(self, bucket: str, mode: str, kms_key: Optional[str] = None,
                          bucket_key: bool = True) -> list[Recorded]:
-        """Every object PUT upstream asked for native SSE, unframed and
-        unmarked by proxy-side AES; GET/HEAD upstream carried no SSE header."""
-        puts = [r for r in self.fake.object_puts() if r.bucket == bucket]
+        """Every object written upstream (PUT, or CreateMultipartUpload) asked
+        for native SSE, unframed and unmarked by proxy-side AES; GET/HEAD
+        upstream carried no SSE header."""
+        puts = [r for r in self.fake.object_writes() if r.bucket == bucket]
         self.assertTrue(puts, "no object PUT reached the S3 backend")
         for r in puts:
             what = f"PUT {r.key} ({r.body_len} bytes)"
@@ -471,7 +524,7 @@ class FakeS3NativeSSETests(NativeCase):
                         "upstream bytes of a passthrough object")
         self.assertSame(stored["mp/upload.dat"].body, sent["mp/upload.dat"],
                         "upstream bytes of the completed multipart object")
-        puts = {r.key for r in self.fake.object_puts() if r.bucket == bucket}
+        puts = {r.key for r in self.fake.object_writes() if r.bucket == bucket}
         self.assertTrue({"docs/notes.txt", "rel/reference.bin", "mp/upload.dat",
                          "docs/notes-copy.txt"} <= puts, puts)
 
