@@ -1,8 +1,8 @@
 """End-to-end: a real dgproxy process driven by the aws CLI (v1, botocore).
 
 What a user types, what they get back: `aws s3` high-level commands and the
-`aws s3api` calls people script with. Files stay well under the CLI's 8 MB
-multipart threshold (multipart upload is not implemented yet). Objects the
+`aws s3api` calls people script with. Files stay under the CLI's 8 MB
+multipart threshold (multipart uploads have their own suites). Objects the
 test only needs to exist are made with boto3, which is faster than the CLI.
 """
 
