@@ -395,10 +395,11 @@ class S3Client:
             return response
         raise AssertionError("unreachable")
 
-    def stream_put(self, bucket: str, key: str, headers: dict, body) -> defer.Deferred:
+    def stream_put(self, bucket: str, key: str, headers: dict, body,
+                   query: Optional[dict] = None) -> defer.Deferred:
         """Start a PUT whose body the caller writes as it goes (not retried:
         the body cannot be replayed). Fires with the response."""
-        d = self._send("PUT", self.url(bucket, key), headers, body)
+        d = self._send("PUT", self.url(bucket, key, query), headers, body)
 
         def unavailable(failure):
             if failure.check(defer.CancelledError) or "CancelledError" in repr(failure.value):
@@ -568,11 +569,19 @@ class _StreamingWriter:
         return d
 
     async def commit(self, metadata: ObjectMetadata, exclusive: bool = False) -> str:
-        """Fires with the upstream ETag (the service's MD5 of what it stored).
-        The last chunk must be taken and the answer must come within the
-        client's read timeout."""
+        """Fires with the upstream ETag (the service's MD5 of what it stored)."""
         if exclusive:
             raise ValueError("a streaming upload cannot be exclusive")
+        etag = await self.finish()
+        if metadata.md5 and len(etag) == 32 and etag != metadata.md5:
+            await self._backend.discard(self._bucket, self._key)
+            raise UpstreamError(500, "BadDigest", f"upstream stored {etag}, sent {metadata.md5}")
+        return etag
+
+    async def finish(self) -> str:
+        """Send the held-back chunk and end the body; fires with the upstream
+        ETag. The last chunk must be taken and the answer must come within
+        the client's read timeout."""
         client = self._backend.client
         timer = client.reactor.callLater(client.read_timeout, self._give_up)
         try:
@@ -596,11 +605,7 @@ class _StreamingWriter:
         if response.code not in (200, 201):
             raise await self._backend.client.error_of(response)
         await treq.content(response)
-        etag = response.headers.getRawHeaders(b"etag", [b""])[0].decode("latin-1").strip('"')
-        if metadata.md5 and len(etag) == 32 and etag != metadata.md5:
-            await self._backend.discard(self._bucket, self._key)
-            raise UpstreamError(500, "BadDigest", f"upstream stored {etag}, sent {metadata.md5}")
-        return etag
+        return response.headers.getRawHeaders(b"etag", [b""])[0].decode("latin-1").strip('"')
 
     def _give_up(self) -> None:
         if self._gave_up:
@@ -618,6 +623,89 @@ class _StreamingWriter:
             self._body.stopProducing()
             self._response.cancel()
             self._response.addErrback(lambda _: None)
+
+
+@implementer(IObjectWriter)
+class _PartsWriter:
+    """Streams an object a client uploaded in parts into an upstream
+    multipart upload (see L{S3Backend._put_file_in_parts} for why), one
+    streamed UploadPart after another, so that no spool holds it: the
+    upload is created with the first byte, each part is a
+    L{_StreamingWriter}, and L{commit} completes the upload. Aborting cuts
+    the part in flight and aborts the upload upstream."""
+
+    hashes_needed = False
+
+    def __init__(self, backend: "S3Backend", bucket: str, key: str, size: int, headers: dict):
+        self._backend = backend
+        self._bucket = bucket
+        self._key = key
+        self._size = size
+        self._part_size = upstream_part_size(size)
+        self._headers = headers
+        self._upload_id: Optional[str] = None
+        self._part: Optional[_StreamingWriter] = None
+        self._part_left = 0
+        self._etags: list[str] = []
+        self._sent = 0
+        self._done = False
+
+    def write(self, data: bytes) -> defer.Deferred:
+        return defer.ensureDeferred(self._write(data))
+
+    async def _write(self, data: bytes) -> None:
+        if self._upload_id is None:
+            upload_id = await self._backend._create_upload(self._bucket, self._key, self._headers)
+            if self._done:  # aborted meanwhile
+                self._backend._abandon(self._bucket, self._key, upload_id)
+                raise BackendUnavailable(self._backend.name, "upload aborted")
+            self._upload_id = upload_id
+        while data:
+            if self._sent + len(data) > self._size:
+                raise BackendUnavailable(self._backend.name, "body longer than announced")
+            if self._part is None:
+                self._start_part()
+            piece, data = data[:self._part_left], data[self._part_left:]
+            self._part_left -= len(piece)
+            self._sent += len(piece)
+            await self._part.write(piece)
+            if self._part_left == 0:
+                part, self._part = self._part, None
+                self._etags.append(await part.finish())
+
+    def _start_part(self) -> None:
+        number = len(self._etags) + 1
+        length = min(self._part_size, self._size - self._sent)
+        body = _PushBody(length)
+        query = {"partNumber": str(number), "uploadId": self._upload_id}
+        response = self._backend.client.stream_put(self._bucket, self._key, {}, body, query)
+        self._part = _StreamingWriter(self._backend, self._bucket, self._key, body, response)
+        self._part_left = length
+
+    async def commit(self, metadata: ObjectMetadata, exclusive: bool = False) -> str:
+        """Completes the upload. Fires with "": the upstream ETag is the
+        multipart one, not an MD5."""
+        if exclusive:
+            raise ValueError("a streaming upload cannot be exclusive")
+        if self._sent != self._size or self._part is not None or not self._etags:
+            raise BackendUnavailable(self._backend.name, "body length differs from the one sent")
+        try:
+            await self._backend._complete_upload(self._bucket, self._key, self._upload_id,
+                                                 self._etags)
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        return ""
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self._part is not None:
+            self._part.abort()
+        if self._upload_id is not None:
+            self._backend._abandon(self._bucket, self._key, self._upload_id)
 
 
 @implementer(IObjectWriter)
@@ -791,10 +879,12 @@ class S3Backend:
         """A writer. With the size and the metadata known up front (C{hint},
         hashes not needed), the body streams straight upstream; otherwise it
         is spooled and PUT at commit, once its hashes are known."""
-        if (size is None or hint is None or self.native_sse is not None
-                or hint.multipart_etag is not None):
+        if size is None or hint is None or self.native_sse is not None or (
+                hint.multipart_etag is not None and size == 0):
             return _SpoolingWriter(self, bucket, key, self.spool.create("upload"))
         headers = {"Content-Type": "application/octet-stream", **to_s3_headers(hint, key)}
+        if hint.multipart_etag is not None:
+            return _PartsWriter(self, bucket, key, size, headers)
         body = _PushBody(size)
         response = self.client.stream_put(bucket, key, headers, body)
         return _StreamingWriter(self, bucket, key, body, response)
@@ -837,13 +927,7 @@ class S3Backend:
         look up its metadata (the client's ETag is the multipart one, not the
         MD5 a single PUT gets), and it may be larger than a PUT's 5 GiB.
         Each part is retried on its own; on failure the upload is aborted."""
-        response = await self.client.request("POST", bucket, key, query={"uploads": None},
-                                             headers=headers, idempotent=False)
-        if response.code != 200:
-            raise await self._refusal(response, bucket, key)
-        upload_id = parse_xml(await treq.content(response)).findtext(S3_NS + "UploadId")
-        if not upload_id:
-            raise UpstreamError(500, "InternalError", "CreateMultipartUpload gave no UploadId")
+        upload_id = await self._create_upload(bucket, key, headers)
         try:
             size = os.path.getsize(path)
             part = upstream_part_size(size)
@@ -856,21 +940,37 @@ class S3Backend:
                     raise await self._refusal(response, bucket, key)
                 await treq.content(response)
                 etags.append(response.headers.getRawHeaders(b"etag", [b""])[0].decode("latin-1"))
-            listing = "".join(f"<Part><PartNumber>{n}</PartNumber><ETag>{xml_escape(e)}</ETag>"
-                              "</Part>" for n, e in enumerate(etags, 1))
-            response = await self.client.request(
-                "POST", bucket, key, query={"uploadId": upload_id}, idempotent=False,
-                body=f"<CompleteMultipartUpload>{listing}</CompleteMultipartUpload>".encode())
-            if response.code != 200:
-                raise await self._refusal(response, bucket, key)
-            # A Complete can fail after its 200 has begun: the error is the body.
-            answer = parse_xml(await treq.content(response))
-            if answer.tag != S3_NS + "CompleteMultipartUploadResult":
-                raise UpstreamError(500, answer.findtext("Code") or "InternalError",
-                                    answer.findtext("Message") or "Complete failed")
+            await self._complete_upload(bucket, key, upload_id, etags)
         except BaseException:
             self._abandon(bucket, key, upload_id)
             raise
+
+    async def _create_upload(self, bucket: str, key: str, headers: dict) -> str:
+        """CreateMultipartUpload with the object's headers; its upload id."""
+        response = await self.client.request("POST", bucket, key, query={"uploads": None},
+                                             headers=headers, idempotent=False)
+        if response.code != 200:
+            raise await self._refusal(response, bucket, key)
+        upload_id = parse_xml(await treq.content(response)).findtext(S3_NS + "UploadId")
+        if not upload_id:
+            raise UpstreamError(500, "InternalError", "CreateMultipartUpload gave no UploadId")
+        return upload_id
+
+    async def _complete_upload(self, bucket: str, key: str, upload_id: str,
+                               etags: list[str]) -> None:
+        listing = "".join(f"<Part><PartNumber>{n}</PartNumber>"
+                          f"<ETag>\"{xml_escape(e.strip(chr(34)))}\"</ETag></Part>"
+                          for n, e in enumerate(etags, 1))
+        response = await self.client.request(
+            "POST", bucket, key, query={"uploadId": upload_id}, idempotent=False,
+            body=f"<CompleteMultipartUpload>{listing}</CompleteMultipartUpload>".encode())
+        if response.code != 200:
+            raise await self._refusal(response, bucket, key)
+        # A Complete can fail after its 200 has begun: the error is the body.
+        answer = parse_xml(await treq.content(response))
+        if answer.tag != S3_NS + "CompleteMultipartUploadResult":
+            raise UpstreamError(500, answer.findtext("Code") or "InternalError",
+                                answer.findtext("Message") or "Complete failed")
 
     def _abandon(self, bucket: str, key: str, upload_id: str) -> None:
         """Abort an upstream multipart upload, in the background: its parts

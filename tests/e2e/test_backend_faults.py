@@ -299,6 +299,18 @@ class UpstreamMultipartTests(unittest.TestCase):
         self.assertEqual(got["ETag"], etag)
         self.assertEqual(got["Body"].read(), b"".join(parts))
 
+    def test_an_error_inside_the_complete_answer_is_a_failure(self):
+        """AWS can fail a Complete after its 200 has begun, with the error as
+        the body: that is no object, and the upstream upload is aborted."""
+        self.fake.complete_error = "InternalError"
+        parts = [os.urandom(5 * 1024 * 1024), b"tail"]
+        self.assertEqual(s3_error(self.upload, "big/two.dat", parts), (500, "InternalError"))
+        self.assertEqual(s3_error(self.s3.head_object, Bucket="parts", Key="big/two.dat")[0], 404)
+        deadline = time.monotonic() + 10
+        while self.fake.uploads and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertEqual(self.fake.uploads, {})
+
 
 class UpstreamErrorTests(unittest.TestCase):
     """What a client is told when the S3 service answers with an error: a

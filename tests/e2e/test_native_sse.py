@@ -193,6 +193,7 @@ class FakeS3:
         self.stops: dict[str, float] = {}  # key -> seconds a PUT of it stops reading its body
         self.fails: dict[str, tuple] = {}  # key -> (status, code, message) every request gets
         self.failed_parts: dict[int, tuple] = {}  # part number -> what every UploadPart of it gets
+        self.complete_error: Optional[str] = None  # a code Complete answers inside its 200
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.server.daemon_threads = True
         self.server.fake = self
@@ -315,6 +316,10 @@ class FakeS3:
             return 204, {}, b""
         if method != "POST":
             return _error(405, "MethodNotAllowed")
+        if self.complete_error:  # as AWS does when it fails after the 200 has begun
+            return 200, {"Content-Type": "application/xml"}, (
+                f"<Error><Code>{self.complete_error}</Code><Message>Complete failed"
+                "</Message></Error>").encode()
         numbers = [int(n) for n in re.findall(rb"<PartNumber>(\d+)</PartNumber>", body)]
         if not numbers or numbers != sorted(parts) or any(
                 len(parts[n]) < PART for n in numbers[:-1]):

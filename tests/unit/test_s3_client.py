@@ -15,7 +15,7 @@ from twisted.internet import task
 from twisted.trial import unittest
 
 from dgproxy.auth.sigv4 import AuthFailure, SignedRequest, verify
-from dgproxy.storage.s3 import S3Client
+from dgproxy.storage.s3 import S3Client, upstream_part_size
 
 AWS = "https://s3.eu-central-1.amazonaws.com"
 
@@ -104,3 +104,20 @@ class AddressingTests(unittest.TestCase):
             self.assertEqual(unquote(path[1:]), key, url)
             self.assertNotIn("?", url)
             self.assertNotIn("#", url)
+
+
+class UpstreamPartSizeTests(unittest.TestCase):
+    """An object stored as an upstream multipart upload fits S3's rules: at
+    most 10,000 parts, each but the last at least 5 MiB."""
+
+    @given(st.integers(0, 5 * 1024 ** 4))
+    def test_fits_in_ten_thousand_parts_of_whole_mebibytes(self, size):
+        part = upstream_part_size(size)
+        self.assertGreaterEqual(part, 16 * 1024 * 1024)
+        self.assertEqual(part % (1024 * 1024), 0)
+        self.assertLessEqual(-(-size // part), 10_000)
+
+    def test_sizes(self):
+        mib = 1024 * 1024
+        self.assertEqual(upstream_part_size(20 * mib), 16 * mib)
+        self.assertEqual(upstream_part_size(5 * 1024 ** 4), 525 * mib)
