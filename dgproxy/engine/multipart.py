@@ -122,6 +122,7 @@ class _ConcatSource:
         self._bucket = bucket
         self._keys = list(keys)
         self._current = None
+        self.blob_keys = tuple(keys)  # for a backend that can join them in place
 
     async def _read(self, size: int) -> bytes:
         while True:

@@ -404,6 +404,18 @@ class EncryptingBackend:
         local = getattr(self.inner, "local_file", None)
         return local(bucket, key) if local else None
 
+    def can_assemble(self, bucket) -> bool:
+        """Blobs can be joined where they are only when no key is configured:
+        each encrypted blob is a stream of its own, and with a legacy key an
+        upload's parts may be ciphertext."""
+        if self.keys.key is not None or self.keys.legacy_key is not None:
+            return False
+        can = getattr(self.inner, "can_assemble", None)
+        return bool(can and can(bucket))
+
+    def assemble(self, bucket, key, sources, meta):
+        return self.inner.assemble(bucket, key, sources, strip_markers(meta))
+
     def delete(self, bucket, key):
         return self.inner.delete(bucket, key)
 

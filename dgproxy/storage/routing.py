@@ -61,6 +61,15 @@ class RoutingBackend:
         local = getattr(backend, "local_file", None)
         return local(real, key) if local else None
 
+    def can_assemble(self, bucket: str) -> bool:
+        backend, real = self.resolve(bucket)
+        can = getattr(backend, "can_assemble", None)
+        return bool(can and can(real))
+
+    def assemble(self, bucket: str, key: str, sources: list[str], meta):
+        backend, real = self.resolve(bucket)
+        return backend.assemble(real, key, sources, meta)
+
     def open_with_stat(self, bucket: str, key: str):
         backend, real = self.resolve(bucket)
         return backend.open_with_stat(real, key)

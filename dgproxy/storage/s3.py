@@ -395,11 +395,10 @@ class S3Client:
             return response
         raise AssertionError("unreachable")
 
-    def stream_put(self, bucket: str, key: str, headers: dict, body,
-                   query: Optional[dict] = None) -> defer.Deferred:
+    def stream_put(self, bucket: str, key: str, headers: dict, body) -> defer.Deferred:
         """Start a PUT whose body the caller writes as it goes (not retried:
         the body cannot be replayed). Fires with the response."""
-        d = self._send("PUT", self.url(bucket, key, query), headers, body)
+        d = self._send("PUT", self.url(bucket, key), headers, body)
 
         def unavailable(failure):
             if failure.check(defer.CancelledError) or "CancelledError" in repr(failure.value):
@@ -569,19 +568,11 @@ class _StreamingWriter:
         return d
 
     async def commit(self, metadata: ObjectMetadata, exclusive: bool = False) -> str:
-        """Fires with the upstream ETag (the service's MD5 of what it stored)."""
+        """Fires with the upstream ETag (the service's MD5 of what it stored).
+        The last chunk must be taken and the answer must come within the
+        client's read timeout."""
         if exclusive:
             raise ValueError("a streaming upload cannot be exclusive")
-        etag = await self.finish()
-        if metadata.md5 and len(etag) == 32 and etag != metadata.md5:
-            await self._backend.discard(self._bucket, self._key)
-            raise UpstreamError(500, "BadDigest", f"upstream stored {etag}, sent {metadata.md5}")
-        return etag
-
-    async def finish(self) -> str:
-        """Send the held-back chunk and end the body; fires with the upstream
-        ETag. The last chunk must be taken and the answer must come within
-        the client's read timeout."""
         client = self._backend.client
         timer = client.reactor.callLater(client.read_timeout, self._give_up)
         try:
@@ -605,7 +596,11 @@ class _StreamingWriter:
         if response.code not in (200, 201):
             raise await self._backend.client.error_of(response)
         await treq.content(response)
-        return response.headers.getRawHeaders(b"etag", [b""])[0].decode("latin-1").strip('"')
+        etag = response.headers.getRawHeaders(b"etag", [b""])[0].decode("latin-1").strip('"')
+        if metadata.md5 and len(etag) == 32 and etag != metadata.md5:
+            await self._backend.discard(self._bucket, self._key)
+            raise UpstreamError(500, "BadDigest", f"upstream stored {etag}, sent {metadata.md5}")
+        return etag
 
     def _give_up(self) -> None:
         if self._gave_up:
@@ -623,89 +618,6 @@ class _StreamingWriter:
             self._body.stopProducing()
             self._response.cancel()
             self._response.addErrback(lambda _: None)
-
-
-@implementer(IObjectWriter)
-class _PartsWriter:
-    """Streams an object a client uploaded in parts into an upstream
-    multipart upload (see L{S3Backend._put_file_in_parts} for why), one
-    streamed UploadPart after another, so that no spool holds it: the
-    upload is created with the first byte, each part is a
-    L{_StreamingWriter}, and L{commit} completes the upload. Aborting cuts
-    the part in flight and aborts the upload upstream."""
-
-    hashes_needed = False
-
-    def __init__(self, backend: "S3Backend", bucket: str, key: str, size: int, headers: dict):
-        self._backend = backend
-        self._bucket = bucket
-        self._key = key
-        self._size = size
-        self._part_size = upstream_part_size(size)
-        self._headers = headers
-        self._upload_id: Optional[str] = None
-        self._part: Optional[_StreamingWriter] = None
-        self._part_left = 0
-        self._etags: list[str] = []
-        self._sent = 0
-        self._done = False
-
-    def write(self, data: bytes) -> defer.Deferred:
-        return defer.ensureDeferred(self._write(data))
-
-    async def _write(self, data: bytes) -> None:
-        if self._upload_id is None:
-            upload_id = await self._backend._create_upload(self._bucket, self._key, self._headers)
-            if self._done:  # aborted meanwhile
-                self._backend._abandon(self._bucket, self._key, upload_id)
-                raise BackendUnavailable(self._backend.name, "upload aborted")
-            self._upload_id = upload_id
-        while data:
-            if self._sent + len(data) > self._size:
-                raise BackendUnavailable(self._backend.name, "body longer than announced")
-            if self._part is None:
-                self._start_part()
-            piece, data = data[:self._part_left], data[self._part_left:]
-            self._part_left -= len(piece)
-            self._sent += len(piece)
-            await self._part.write(piece)
-            if self._part_left == 0:
-                part, self._part = self._part, None
-                self._etags.append(await part.finish())
-
-    def _start_part(self) -> None:
-        number = len(self._etags) + 1
-        length = min(self._part_size, self._size - self._sent)
-        body = _PushBody(length)
-        query = {"partNumber": str(number), "uploadId": self._upload_id}
-        response = self._backend.client.stream_put(self._bucket, self._key, {}, body, query)
-        self._part = _StreamingWriter(self._backend, self._bucket, self._key, body, response)
-        self._part_left = length
-
-    async def commit(self, metadata: ObjectMetadata, exclusive: bool = False) -> str:
-        """Completes the upload. Fires with "": the upstream ETag is the
-        multipart one, not an MD5."""
-        if exclusive:
-            raise ValueError("a streaming upload cannot be exclusive")
-        if self._sent != self._size or self._part is not None or not self._etags:
-            raise BackendUnavailable(self._backend.name, "body length differs from the one sent")
-        try:
-            await self._backend._complete_upload(self._bucket, self._key, self._upload_id,
-                                                 self._etags)
-        except BaseException:
-            self.abort()
-            raise
-        self._done = True
-        return ""
-
-    def abort(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        if self._part is not None:
-            self._part.abort()
-        if self._upload_id is not None:
-            self._backend._abandon(self._bucket, self._key, self._upload_id)
 
 
 @implementer(IObjectWriter)
@@ -879,19 +791,19 @@ class S3Backend:
         """A writer. With the size and the metadata known up front (C{hint},
         hashes not needed), the body streams straight upstream; otherwise it
         is spooled and PUT at commit, once its hashes are known."""
-        if size is None or hint is None or self.native_sse is not None or (
-                hint.multipart_etag is not None and size == 0):
+        if (size is None or hint is None or self.native_sse is not None
+                or hint.multipart_etag is not None):
+            # (An assembled upload is joined upstream by L{assemble}; one
+            # that comes here is sent from the spool, in parts.)
             return _SpoolingWriter(self, bucket, key, self.spool.create("upload"))
-        headers = {"Content-Type": "application/octet-stream", **to_s3_headers(hint, key)}
-        if hint.multipart_etag is not None:
-            return _PartsWriter(self, bucket, key, size, headers)
+        headers = self._object_headers(hint, key)
         body = _PushBody(size)
         response = self.client.stream_put(bucket, key, headers, body)
         return _StreamingWriter(self, bucket, key, body, response)
 
 
-    async def put_file(self, bucket: str, key: str, path: str, meta: ObjectMetadata,
-                       exclusive: bool) -> None:
+    def _object_headers(self, meta: ObjectMetadata, key: str) -> dict:
+        """The headers that create an object: its metadata, and native SSE."""
         headers = {"Content-Type": "application/octet-stream", **to_s3_headers(meta, key)}
         if self.native_sse is not None:
             if self.native_sse["mode"] == "sse-kms":
@@ -902,6 +814,43 @@ class S3Backend:
             else:
                 headers["x-amz-server-side-encryption"] = "AES256"
             headers["x-amz-meta-dg-encrypted-native"] = self.native_sse["mode"]
+        return headers
+
+    def can_assemble(self, bucket: str) -> bool:
+        return True
+
+    async def assemble(self, bucket: str, key: str, sources: list[str],
+                       meta: ObjectMetadata) -> None:
+        """Make C{key} the concatenation of the stored blobs C{sources}, inside
+        the service: an upstream multipart upload whose parts are copied from
+        them (UploadPartCopy), so no byte passes through dgproxy. They must be
+        at least 5 MiB each but the last, as a client's parts are. On failure
+        the upload is aborted and C{key} is untouched."""
+        upload_id = await self._create_upload(bucket, key, self._object_headers(meta, key))
+        try:
+            etags = []
+            for number, source in enumerate(sources, 1):
+                response = await self.client.request(
+                    "PUT", bucket, key, query={"partNumber": str(number), "uploadId": upload_id},
+                    headers={"x-amz-copy-source": quote(f"{bucket}/{source}", safe="/~")})
+                if response.code != 200:
+                    raise await self._refusal(response, bucket, key)
+                # Like Complete, a copy can fail after its 200 has begun. (The
+                # answer's name varies: SeaweedFS does not say CopyPartResult.)
+                answer = parse_xml(await treq.content(response))
+                etag = answer.findtext(S3_NS + "ETag") or answer.findtext("ETag")
+                if not etag:
+                    raise UpstreamError(500, answer.findtext("Code") or "InternalError",
+                                        answer.findtext("Message") or "UploadPartCopy failed")
+                etags.append(etag)
+            await self._complete_upload(bucket, key, upload_id, etags)
+        except BaseException:
+            self._abandon(bucket, key, upload_id)
+            raise
+
+    async def put_file(self, bucket: str, key: str, path: str, meta: ObjectMetadata,
+                       exclusive: bool) -> None:
+        headers = self._object_headers(meta, key)
         if meta.multipart_etag is not None and not exclusive:
             return await self._put_file_in_parts(bucket, key, path, headers)
         if exclusive:

@@ -261,8 +261,9 @@ class SilentBackendTests(unittest.TestCase):
 
 
 class UpstreamMultipartTests(unittest.TestCase):
-    """An object a client uploaded in parts is stored as an upstream
-    multipart upload; one that fails midway is aborted upstream, and
+    """An object a client uploaded in parts is joined upstream: an upstream
+    multipart upload whose parts are copied from the stored ones, with no
+    byte through dgproxy. One that fails midway is aborted upstream, and
     nothing of it is visible."""
 
     def setUp(self):
@@ -290,9 +291,16 @@ class UpstreamMultipartTests(unittest.TestCase):
         self.assertEqual(self.fake.uploads, {}, "the upstream upload was left behind")
         # Once the service takes parts again, the same upload works.
         del self.fake.failed_parts[2]
+        def part_reads() -> int:
+            return sum(1 for r in self.fake.object_reads()
+                       if r.method == "GET" and "/part-" in r.key)
+
+        reads_before = part_reads()
         etag = self.upload("big/one.dat", parts)
         self.assertTrue(etag.endswith('-4"'), etag)
-        self.assertTrue(self.fake.stored("parts")["big/one.dat"].etag.endswith("-2"))
+        self.assertEqual(self.fake.stored("parts")["big/one.dat"].etag, etag.strip('"'),
+                         "the upstream object is made of the client's parts")
+        self.assertEqual(part_reads(), reads_before, "dgproxy read the parts back to join them")
         listed = self.s3.list_objects_v2(Bucket="parts", Prefix="big/")["Contents"]
         self.assertEqual([o["ETag"] for o in listed], [etag])
         got = self.s3.get_object(Bucket="parts", Key="big/one.dat")

@@ -178,7 +178,7 @@ def _iso(t: float) -> str:
 class FakeS3:
     """Just enough S3 for dgproxy (ListBuckets, bucket HEAD/PUT/DELETE, object
     PUT/GET/HEAD/DELETE with Range and If-None-Match, ListObjectsV2, multipart
-    uploads with S3's 5 MiB smallest part), kept in
+    uploads with UploadPartCopy and S3's 5 MiB smallest part), kept in
     memory, with every request recorded. Path-style addressing only. Like AWS
     it refuses a signed request whose signature or body hash does not hold
     (L{_refusal})."""
@@ -309,6 +309,17 @@ class FakeS3:
         if method == "PUT":
             if int(query["partNumber"]) in self.failed_parts:
                 return _error(*self.failed_parts[int(query["partNumber"])])
+            source = headers.get("x-amz-copy-source")
+            if source is not None:  # UploadPartCopy
+                src_bucket, _, src_key = unquote(source).lstrip("/").partition("/")
+                copied = self.buckets.get(src_bucket, {}).get(src_key)
+                if copied is None:
+                    return _error(404, "NoSuchKey", src_key)
+                parts[int(query["partNumber"])] = copied.body
+                return 200, {"Content-Type": "application/xml"}, (
+                    f'<?xml version="1.0" encoding="UTF-8"?><CopyPartResult xmlns="{S3_XMLNS}">'
+                    f"<ETag>&quot;{hashlib.md5(copied.body).hexdigest()}&quot;</ETag>"
+                    "</CopyPartResult>").encode()
             parts[int(query["partNumber"])] = body
             return 200, {"ETag": f'"{hashlib.md5(body).hexdigest()}"'}, b""
         if method == "DELETE":

@@ -727,7 +727,8 @@ class S3BackendTests(S3BackendCase):
         set to the ETag the listing gave, so LIST must give the multipart
         ETag HEAD and GET give (it once gave the upstream MD5, and sync failed
         with "did not match expected ETag"). Upstream the object is a
-        multipart upload too, which is how a listing knows to look it up."""
+        multipart upload too (of the client's parts, copied inside
+        SeaweedFS), which is how a listing knows to look it up."""
         data = random_bytes(20 * 1024 * 1024 + 5, seed=15)
         tmp = tempfile.mkdtemp(prefix="dgp-s3mp-")
         try:
@@ -745,7 +746,7 @@ class S3BackendTests(S3BackendCase):
             listed = self.s3.list_objects_v2(Bucket=self.bucket, Prefix="mp/")["Contents"]
             self.assertEqual([(o["Key"], o["ETag"]) for o in listed], [("mp/big.dat", expect_tag)])
             self.assertRegex(self.w.head_object(Bucket=self.bucket, Key="mp/big.dat")["ETag"],
-                             r'^"[0-9a-f]{32}-2"$', "16 MiB upstream parts")
+                             r'^"[0-9a-f]{32}-3"$', "the client's parts, joined upstream")
             out = os.path.join(tmp, "back.dat")
             self.proxy.aws("s3", "cp", "--only-show-errors", f"s3://{self.bucket}/mp/big.dat", out)
             with open(out, "rb") as f:
