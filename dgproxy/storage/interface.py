@@ -97,7 +97,13 @@ class IObjectWriter(Interface):
 
 
 class IBackend(Interface):
-    """Blob storage for one backend (filesystem or S3)."""
+    """Blob storage for one backend (filesystem or S3).
+
+    Two capabilities are optional, looked up with C{getattr} and passed down
+    by the routing and encrypting layers: C{local_file(bucket, key)}, the
+    path of a blob stored as plaintext on this machine (or None), and
+    C{can_assemble(bucket)} / C{assemble(bucket, key, sources, metadata)},
+    which makes C{key} the concatenation of stored blobs where they are."""
 
     name = Attribute("The backend's configured name.")
 

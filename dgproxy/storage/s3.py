@@ -67,6 +67,8 @@ def host_header(url: str) -> str:
     netloc = rest.split("/", 1)[0].split("?", 1)[0]
     default = _DEFAULT_PORTS.get(scheme)
     return netloc[:-len(default)] if default and netloc.endswith(default) else netloc
+
+
 S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 LIST_HEAD_CONCURRENCY = 10
 
