@@ -828,8 +828,7 @@ class S3Backend:
         them (UploadPartCopy), so no byte passes through dgproxy. They must be
         at least 5 MiB each but the last, as a client's parts are. On failure
         the upload is aborted and C{key} is untouched."""
-        upload_id = await self._create_upload(bucket, key, self._object_headers(meta, key))
-        try:
+        async def copy_parts(upload_id: str) -> list[str]:
             etags = []
             for number, source in enumerate(sources, 1):
                 response = await self.client.request(
@@ -842,13 +841,11 @@ class S3Backend:
                 answer = parse_xml(await treq.content(response))
                 etag = answer.findtext(S3_NS + "ETag") or answer.findtext("ETag")
                 if not etag:
-                    raise UpstreamError(500, answer.findtext("Code") or "InternalError",
-                                        answer.findtext("Message") or "UploadPartCopy failed")
+                    raise _error_in(answer, "UploadPartCopy")
                 etags.append(etag)
-            await self._complete_upload(bucket, key, upload_id, etags)
-        except BaseException:
-            self._abandon(bucket, key, upload_id)
-            raise
+            return etags
+
+        await self._as_upload(bucket, key, self._object_headers(meta, key), copy_parts)
 
     async def put_file(self, bucket: str, key: str, path: str, meta: ObjectMetadata,
                        exclusive: bool) -> None:
@@ -877,11 +874,11 @@ class S3Backend:
         upload: its upstream ETag then ends in C{-N}, which tells a listing to
         look up its metadata (the client's ETag is the multipart one, not the
         MD5 a single PUT gets), and it may be larger than a PUT's 5 GiB.
-        Each part is retried on its own; on failure the upload is aborted."""
-        upload_id = await self._create_upload(bucket, key, headers)
-        try:
-            size = os.path.getsize(path)
-            part = upstream_part_size(size)
+        Each part is retried on its own."""
+        size = os.path.getsize(path)
+        part = upstream_part_size(size)
+
+        async def send_parts(upload_id: str) -> list[str]:
             etags = []
             for number, offset in enumerate(range(0, max(size, 1), part), 1):
                 response = await self.client.request(
@@ -891,7 +888,17 @@ class S3Backend:
                     raise await self._refusal(response, bucket, key)
                 await treq.content(response)
                 etags.append(response.headers.getRawHeaders(b"etag", [b""])[0].decode("latin-1"))
-            await self._complete_upload(bucket, key, upload_id, etags)
+            return etags
+
+        await self._as_upload(bucket, key, headers, send_parts)
+
+    async def _as_upload(self, bucket: str, key: str, headers: dict, parts) -> None:
+        """Create an upstream multipart upload with C{headers}, let
+        C{parts(upload_id)} put its parts (it returns their ETags), and
+        complete it; on any failure abort it, so C{key} is untouched."""
+        upload_id = await self._create_upload(bucket, key, headers)
+        try:
+            await self._complete_upload(bucket, key, upload_id, await parts(upload_id))
         except BaseException:
             self._abandon(bucket, key, upload_id)
             raise
@@ -920,19 +927,15 @@ class S3Backend:
         # A Complete can fail after its 200 has begun: the error is the body.
         answer = parse_xml(await treq.content(response))
         if answer.tag != S3_NS + "CompleteMultipartUploadResult":
-            raise UpstreamError(500, answer.findtext("Code") or "InternalError",
-                                answer.findtext("Message") or "Complete failed")
+            raise _error_in(answer, "CompleteMultipartUpload")
 
     def _abandon(self, bucket: str, key: str, upload_id: str) -> None:
         """Abort an upstream multipart upload, in the background: its parts
         cost storage until then (a bucket lifecycle rule catches what a
         failed abort leaves)."""
-        def done(response):
-            return treq.content(response)
-
         d = defer.ensureDeferred(self.client.request(
             "DELETE", bucket, key, query={"uploadId": upload_id}))
-        d.addCallback(done)
+        d.addCallback(treq.content)
         d.addErrback(lambda f: log.warn(
             "S3 backend '{backend}': could not abort upload {upload} of {key}: {error}",
             backend=self.name, upload=upload_id, key=key, error=f.getErrorMessage()))
@@ -1037,6 +1040,13 @@ class S3Backend:
             [sem.run(lambda i=i: defer.ensureDeferred(fill(i))) for i in need],
             consumeErrors=True)
         return objects
+
+
+def _error_in(answer: ET.Element, what: str) -> UpstreamError:
+    """The error an S3 service sends as the body of a 200 when an operation
+    fails after its answer began (Complete, UploadPartCopy)."""
+    return UpstreamError(500, answer.findtext("Code") or "InternalError",
+                         answer.findtext("Message") or f"{what} failed")
 
 
 def upstream_part_size(size: int) -> int:
