@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import re
 import sys
 
 from dgproxy import __version__
@@ -69,11 +70,25 @@ def _admin_request(endpoint: str, method: str, path: str, body: bytes = b""):
             return e.code, {}
 
 
+_RATE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?(?:/s)?", re.IGNORECASE)
+
+
+def parse_rate(text: str) -> float:
+    """Bytes per second from C{50M}, C{50MiB/s}, C{512k} or plain bytes (powers of 1024)."""
+    match = _RATE.fullmatch(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a rate: {text!r} (try 50M or 512k)")
+    return float(match.group(1)) * 1024 ** " kmg".index(match.group(2).lower() or " ")
+
+
 def _reencrypt(args) -> int:
     import json
     import time
+    request = {"buckets": args.buckets}
+    if args.max_rate is not None:
+        request["max_bytes_per_second"] = args.max_rate
     status, doc = _admin_request(args.endpoint, "POST", "/_/api/admin/jobs/reencrypt",
-                                 json.dumps({"buckets": args.buckets}).encode())
+                                 json.dumps(request).encode())
     if status != 202:
         print(f"refused ({status}): {doc}", file=sys.stderr)
         return 1
@@ -109,13 +124,15 @@ def main(argv=None) -> int:
     lint.set_defaults(func=_lint)
     hp = sub.add_parser("hash-password", help="print a bcrypt hash for DGP_BOOTSTRAP_PASSWORD_HASH")
     hp.set_defaults(func=_hash_password)
-    re = sub.add_parser("reencrypt", help="rewrite buckets under their backend's current key "
-                                         "(on a running proxy; writes to them get 503 meanwhile)")
-    re.add_argument("buckets", nargs="+")
-    re.add_argument("--endpoint", default="http://127.0.0.1:9000",
-                    help="the proxy's URL (credentials from DGP_ACCESS_KEY_ID/DGP_SECRET_ACCESS_KEY)")
-    re.add_argument("--interval", type=float, default=1.0, help="seconds between progress lines")
-    re.set_defaults(func=_reencrypt)
+    job = sub.add_parser("reencrypt", help="rewrite buckets under their backend's current key "
+                                           "(on a running proxy; writes to them get 503 meanwhile)")
+    job.add_argument("buckets", nargs="+")
+    job.add_argument("--endpoint", default="http://127.0.0.1:9000",
+                     help="the proxy's URL (credentials from DGP_ACCESS_KEY_ID/DGP_SECRET_ACCESS_KEY)")
+    job.add_argument("--interval", type=float, default=1.0, help="seconds between progress lines")
+    job.add_argument("--max-rate", type=parse_rate, default=None, metavar="RATE",
+                     help="hold each job to this many bytes per second, e.g. 50M (default: no limit)")
+    job.set_defaults(func=_reencrypt)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -18,6 +18,27 @@ from dgproxy.auth.sigv4 import AuthFailure, SignedRequest
 
 log = Logger(namespace="dgproxy.admin")
 MAX_BUCKETS = 100
+MIN_RATE = 64 * 1024  # bytes per second; below it a job would crawl for days by a slip of units
+
+
+def parse_start_request(body: bytes) -> tuple[list, object]:
+    """(buckets, max_bytes_per_second) from a POST body, or ValueError naming the fault."""
+    try:
+        doc = json.loads(body or b"{}")
+    except ValueError:
+        raise ValueError("no buckets given")
+    if not isinstance(doc, dict):
+        raise ValueError("no buckets given")
+    buckets = doc.get("buckets")
+    if not isinstance(buckets, list) or not buckets or not all(isinstance(b, str) for b in buckets):
+        raise ValueError("no buckets given")
+    if len(buckets) > MAX_BUCKETS:
+        raise ValueError("too many buckets (max 100)")
+    rate = doc.get("max_bytes_per_second")
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))
+                             or not MIN_RATE <= rate < float("inf")):
+        raise ValueError(f"max_bytes_per_second must be a number of at least {MIN_RATE}")
+    return buckets, rate
 
 
 def _json(request, status: int, doc) -> None:
@@ -74,14 +95,9 @@ class ReencryptResource(resource.Resource):
             _json(request, 403, {"error": "access_denied"})
             return server.NOT_DONE_YET
         try:
-            buckets = json.loads(request.body_bytes() or b"{}").get("buckets")
-        except (ValueError, AttributeError):
-            buckets = None
-        if not isinstance(buckets, list) or not buckets or not all(isinstance(b, str) for b in buckets):
-            _json(request, 400, {"error": "bad_request", "message": "no buckets given"})
-            return server.NOT_DONE_YET
-        if len(buckets) > MAX_BUCKETS:
-            _json(request, 400, {"error": "bad_request", "message": "too many buckets (max 100)"})
+            buckets, rate = parse_start_request(request.body_bytes())
+        except ValueError as e:
+            _json(request, 400, {"error": "bad_request", "message": str(e)})
             return server.NOT_DONE_YET
 
         async def start():
@@ -90,7 +106,7 @@ class ReencryptResource(resource.Resource):
                 if not await self.bucket_exists(bucket):
                     failed.append({"bucket": bucket, "error": "bucket not found"})
                     continue
-                state = self.jobs.start(bucket)
+                state = self.jobs.start(bucket, rate)
                 started.append({"bucket": bucket, "status": state["status"]})
                 log.info("AUDIT | action=reencrypt_started | bucket={bucket}", bucket=bucket)
             return {"started": started, "errors": failed}

@@ -8,17 +8,19 @@ decrypting wrapper (the legacy shim included) and writes through the
 encrypting one, each rewrite atomic. Progress and a cursor are kept in
 C{.dg/jobs/reencrypt.json} on the backend itself, so a crashed or restarted
 process resumes where it stopped. While a job runs, the S3 front answers
-writes to the bucket with 503 SlowDown.
+writes to the bucket with 503 SlowDown. A job may be held to a byte rate, so
+that rewriting a large bucket leaves the backend room for clients' reads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from datetime import datetime, timezone
 from typing import Optional
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from dgproxy.storage.encrypting import KEY_ID, MARKER, NATIVE, EncryptingBackend, EncryptionError
@@ -44,11 +46,32 @@ def needs_rewrite(meta: Optional[ObjectMetadata], backend: EncryptingBackend) ->
     return meta.user_metadata.get(KEY_ID) != keys.key_id
 
 
+class Pacer:
+    """Holds a job to an average of C{rate} bytes per second (None: no limit)
+    by sleeping between rewrites once it is ahead of that rate."""
+
+    def __init__(self, rate: Optional[float], clock):
+        self.rate = rate
+        self.clock = clock
+        self.began = clock.seconds()
+        self.done = 0
+
+    async def account(self, nbytes: int) -> None:
+        self.done += nbytes
+        if not self.rate:
+            return
+        ahead = self.done / self.rate - (self.clock.seconds() - self.began)
+        if ahead > 0:
+            await task.deferLater(self.clock, ahead, lambda: None)
+
+
 class ReencryptJobs:
     """Runs at most one job per bucket in this process; gates writes meanwhile."""
 
-    def __init__(self, router):
+    def __init__(self, router, clock=None):
+        from twisted.internet import reactor
         self.router = router  # RoutingBackend or a single backend
+        self.clock = clock or reactor
         self.running: dict[str, dict] = {}
 
     def blocked(self, bucket: str) -> bool:
@@ -72,7 +95,6 @@ class ReencryptJobs:
         data = json.dumps(state).encode()
         writer = await backend.inner.open_write(real, STATE_KEY)
         await writer.write(data)
-        import hashlib
         await writer.commit(ObjectMetadata(
             tool="dgproxy", original_name="reencrypt.json", file_sha256="", file_size=len(data),
             md5=hashlib.md5(data).hexdigest(), created_at=datetime.now(timezone.utc),
@@ -84,12 +106,13 @@ class ReencryptJobs:
         backend, real = self._backend(bucket)
         return await self._load(backend, real)
 
-    def start(self, bucket: str) -> dict:
-        """Start (or resume) the job for C{bucket}; returns its state at once."""
+    def start(self, bucket: str, max_bytes_per_second: Optional[float] = None) -> dict:
+        """Start the job for C{bucket}, or return the running one's state."""
         if bucket in self.running:
             return dict(self.running[bucket])
         state = {"bucket": bucket, "status": "running", "cursor": "", "rewritten": 0,
                  "skipped": 0, "failed": 0, "total": None, "errors": [],
+                 "max_bytes_per_second": max_bytes_per_second,
                  "started": datetime.now(timezone.utc).isoformat()}
         self.running[bucket] = state
         defer.ensureDeferred(self._run(bucket, state)).addErrback(
@@ -117,13 +140,15 @@ class ReencryptJobs:
             state["total"] = len(objects)
             await self._save(backend, real, state)
             last_save = time.monotonic()
+            pacer = Pacer(state.get("max_bytes_per_second"), self.clock)
             for obj in objects:
                 if obj.key <= state["cursor"] or obj.key == STATE_KEY:
                     continue
                 try:
                     stored = await backend.inner.stat(real, obj.key)
                     if stored is not None and needs_rewrite(stored.metadata, backend):
-                        await self._rewrite(backend, real, obj.key, stored.metadata)
+                        await pacer.account(
+                            await self._rewrite(backend, real, obj.key, stored.metadata))
                         state["rewritten"] += 1
                     else:
                         state["skipped"] += 1
@@ -154,14 +179,16 @@ class ReencryptJobs:
                      skipped=state["skipped"], failed=state["failed"])
 
     async def _rewrite(self, backend: EncryptingBackend, real: str, key: str,
-                       meta: ObjectMetadata) -> None:
+                       meta: ObjectMetadata) -> int:
+        """Rewrite one blob; returns the plaintext bytes moved."""
         source = await backend.open_read(real, key)
         if source is None:
-            return
+            return 0
         writer = await backend.open_write(real, key)
         try:
-            await drain(source, writer.write)
+            moved = await drain(source, writer.write)
             await writer.commit(meta)
         except BaseException:
             writer.abort()
             raise
+        return moved

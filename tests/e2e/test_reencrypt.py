@@ -93,24 +93,21 @@ class ReencryptTests(unittest.TestCase):
 
     def test_writes_wait_while_the_job_runs_and_a_killed_job_resumes(self):
         first = self.start(config(KEY_A, "ka"))
-        # Enough bytes that the job runs for a while on a fast disk: the test
-        # must get a write in while it runs, and kill it before it ends. (At
-        # 128 KiB apiece the job once finished within a second, between two
-        # of the test's writes.)
-        objects = self.fill(first, "big", 400, size=1024 * 1024)
+        # 40 × 256 KiB held to 2 MiB/s: the job runs for about 5 s however fast
+        # the disk is, time to get a write in and to kill it half-way.
+        objects = self.fill(first, "big", 40, size=256 * 1024)
         data_dir = first.data_dir
         first.stop()
         proxy = ProxyProcess(config_yaml=config(KEY_B, "kb", (KEY_A, "ka")), data_dir=data_dir,
                              env={"DGP_LOG_LEVEL": "info"}).start()
         self.addCleanup(proxy.cleanup)
-        # A client made and used before the job starts: a new boto3 client's
-        # first request loads its service model, which can outlast the job.
         s3 = proxy.client()
         s3.head_bucket(Bucket="big")
         env = dict(os.environ, DGP_ACCESS_KEY_ID=ACCESS_KEY, DGP_SECRET_ACCESS_KEY=SECRET_KEY)
-        subprocess.Popen([os.path.join(VENV_BIN, "dgproxy"), "reencrypt", "--endpoint",
-                          proxy.endpoint, "big"], env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+        cli = subprocess.Popen([os.path.join(VENV_BIN, "dgproxy"), "reencrypt", "--endpoint",
+                                proxy.endpoint, "--max-rate", "2M", "big"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(cli.wait)
         deadline = time.monotonic() + 20
         refused = None
         while time.monotonic() < deadline and refused is None:
@@ -135,6 +132,7 @@ class ReencryptTests(unittest.TestCase):
         proxy.stop(signal.SIGKILL)
         before = stamps(data_dir, "big")
         self.assertIn("ka", before.values(), "the job finished before it could be killed")
+        self.assertIn("kb", before.values())
         resumed = self.start(config(KEY_B, "kb", (KEY_A, "ka")), data_dir=data_dir)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -147,5 +145,5 @@ class ReencryptTests(unittest.TestCase):
         self.assertEqual(set(stamps(data_dir, "big").values()), {"kb"})
         s3 = resumed.client()
         s3.put_object(Bucket="big", Key="k/new.dat", Body=b"after")
-        for key in ("k/0000.dat", "k/0399.dat"):
+        for key in ("k/0000.dat", "k/0039.dat"):
             self.assertEqual(s3.get_object(Bucket="big", Key=key)["Body"].read(), objects[key])
