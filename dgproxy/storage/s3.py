@@ -71,6 +71,7 @@ def host_header(url: str) -> str:
 
 S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 LIST_HEAD_CONCURRENCY = 10
+PARTS_IN_FLIGHT = 4  # parts of one upstream multipart upload sent or copied at once
 
 
 def _http_date(value: Optional[str]) -> datetime:
@@ -828,24 +829,22 @@ class S3Backend:
         them (UploadPartCopy), so no byte passes through dgproxy. They must be
         at least 5 MiB each but the last, as a client's parts are. On failure
         the upload is aborted and C{key} is untouched."""
-        async def copy_parts(upload_id: str) -> list[str]:
-            etags = []
-            for number, source in enumerate(sources, 1):
-                response = await self.client.request(
-                    "PUT", bucket, key, query={"partNumber": str(number), "uploadId": upload_id},
-                    headers={"x-amz-copy-source": quote(f"{bucket}/{source}", safe="/~")})
-                if response.code != 200:
-                    raise await self._refusal(response, bucket, key)
-                # Like Complete, a copy can fail after its 200 has begun. (The
-                # answer's name varies: SeaweedFS does not say CopyPartResult.)
-                answer = parse_xml(await treq.content(response))
-                etag = answer.findtext(S3_NS + "ETag") or answer.findtext("ETag")
-                if not etag:
-                    raise _error_in(answer, "UploadPartCopy")
-                etags.append(etag)
-            return etags
+        async def copy_part(upload_id: str, number: int) -> str:
+            response = await self.client.request(
+                "PUT", bucket, key, query={"partNumber": str(number), "uploadId": upload_id},
+                headers={"x-amz-copy-source": quote(f"{bucket}/{sources[number - 1]}", safe="/~")})
+            if response.code != 200:
+                raise await self._refusal(response, bucket, key)
+            # Like Complete, a copy can fail after its 200 has begun. (The
+            # answer's name varies: SeaweedFS does not say CopyPartResult.)
+            answer = parse_xml(await treq.content(response))
+            etag = answer.findtext(S3_NS + "ETag") or answer.findtext("ETag")
+            if not etag:
+                raise _error_in(answer, "UploadPartCopy")
+            return etag
 
-        await self._as_upload(bucket, key, self._object_headers(meta, key), copy_parts)
+        await self._as_upload(bucket, key, self._object_headers(meta, key), len(sources),
+                              copy_part)
 
     async def put_file(self, bucket: str, key: str, path: str, meta: ObjectMetadata,
                        exclusive: bool) -> None:
@@ -878,27 +877,30 @@ class S3Backend:
         size = os.path.getsize(path)
         part = upstream_part_size(size)
 
-        async def send_parts(upload_id: str) -> list[str]:
-            etags = []
-            for number, offset in enumerate(range(0, max(size, 1), part), 1):
-                response = await self.client.request(
-                    "PUT", bucket, key, query={"partNumber": str(number), "uploadId": upload_id},
-                    body_path=path, body_range=(offset, min(part, size - offset)))
-                if response.code != 200:
-                    raise await self._refusal(response, bucket, key)
-                await treq.content(response)
-                etags.append(response.headers.getRawHeaders(b"etag", [b""])[0].decode("latin-1"))
-            return etags
+        offsets = range(0, max(size, 1), part)
 
-        await self._as_upload(bucket, key, headers, send_parts)
+        async def send_part(upload_id: str, number: int) -> str:
+            offset = offsets[number - 1]
+            response = await self.client.request(
+                "PUT", bucket, key, query={"partNumber": str(number), "uploadId": upload_id},
+                body_path=path, body_range=(offset, min(part, size - offset)))
+            if response.code != 200:
+                raise await self._refusal(response, bucket, key)
+            await treq.content(response)
+            return response.headers.getRawHeaders(b"etag", [b""])[0].decode("latin-1")
 
-    async def _as_upload(self, bucket: str, key: str, headers: dict, parts) -> None:
-        """Create an upstream multipart upload with C{headers}, let
-        C{parts(upload_id)} put its parts (it returns their ETags), and
-        complete it; on any failure abort it, so C{key} is untouched."""
+        await self._as_upload(bucket, key, headers, len(offsets), send_part)
+
+    async def _as_upload(self, bucket: str, key: str, headers: dict, count: int,
+                         put_part) -> None:
+        """Create an upstream multipart upload with C{headers}, put its parts
+        with C{put_part(upload_id, number)} (it returns the part's ETag),
+        L{PARTS_IN_FLIGHT} at a time, and complete it; on any failure abort
+        it, so C{key} is untouched."""
         upload_id = await self._create_upload(bucket, key, headers)
         try:
-            await self._complete_upload(bucket, key, upload_id, await parts(upload_id))
+            etags = await in_flight(count, lambda n: put_part(upload_id, n), PARTS_IN_FLIGHT)
+            await self._complete_upload(bucket, key, upload_id, etags)
         except BaseException:
             self._abandon(bucket, key, upload_id)
             raise
@@ -1047,6 +1049,30 @@ def _error_in(answer: ET.Element, what: str) -> UpstreamError:
     fails after its answer began (Complete, UploadPartCopy)."""
     return UpstreamError(500, answer.findtext("Code") or "InternalError",
                          answer.findtext("Message") or f"{what} failed")
+
+
+async def in_flight(count: int, run, width: int) -> list:
+    """C{run(n)} for n in 1..C{count}, at most C{width} at once; their results
+    in order. The first failure stops new runs and is raised once the running
+    ones have ended (so nothing is still writing when the caller cleans up)."""
+    results: list = [None] * count
+    numbers = iter(range(1, count + 1))
+    failures: list = []
+
+    async def worker() -> None:
+        for n in numbers:
+            if failures:
+                return
+            try:
+                results[n - 1] = await run(n)
+            except BaseException as e:
+                failures.append(e)
+                return
+
+    await defer.DeferredList([defer.ensureDeferred(worker()) for _ in range(min(width, count))])
+    if failures:
+        raise failures[0]
+    return results
 
 
 def upstream_part_size(size: int) -> int:

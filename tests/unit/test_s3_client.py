@@ -11,11 +11,11 @@ from datetime import datetime, timezone
 from urllib.parse import unquote, urlsplit
 
 from hypothesis import given, strategies as st
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from dgproxy.auth.sigv4 import AuthFailure, SignedRequest, verify
-from dgproxy.storage.s3 import S3Client, upstream_part_size
+from dgproxy.storage.s3 import S3Client, in_flight, upstream_part_size
 
 AWS = "https://s3.eu-central-1.amazonaws.com"
 
@@ -121,3 +121,39 @@ class UpstreamPartSizeTests(unittest.TestCase):
         mib = 1024 * 1024
         self.assertEqual(upstream_part_size(20 * mib), 16 * mib)
         self.assertEqual(upstream_part_size(5 * 1024 ** 4), 525 * mib)
+
+
+class InFlightTests(unittest.TestCase):
+    """Parts of an upstream multipart upload go a few at a time."""
+
+    def setUp(self):
+        self.waiting: dict[int, defer.Deferred] = {}
+        self.peak = 0
+
+    def run_part(self, n: int) -> defer.Deferred:
+        self.waiting[n] = defer.Deferred()
+        self.peak = max(self.peak, sum(1 for d in self.waiting.values() if not d.called))
+        return self.waiting[n]
+
+    def test_results_come_in_part_order_with_at_most_width_running(self):
+        done = defer.ensureDeferred(in_flight(10, self.run_part, 3))
+        for n in (3, 1, 2, 5, 4, 6, 9, 8, 7, 10):
+            while n not in self.waiting:  # not started yet: finish the oldest running one
+                oldest = min(k for k, d in self.waiting.items() if not d.called)
+                self.waiting[oldest].callback(f"etag{oldest}")
+            if not self.waiting[n].called:
+                self.waiting[n].callback(f"etag{n}")
+        self.assertEqual(self.successResultOf(done), [f"etag{n}" for n in range(1, 11)])
+        self.assertEqual(self.peak, 3)
+
+    def test_a_failure_stops_new_parts_and_waits_for_running_ones(self):
+        done = defer.ensureDeferred(in_flight(10, self.run_part, 3))
+        self.waiting[2].errback(ValueError("part 2 refused"))
+        self.assertNoResult(done)  # parts 1 and 3 still running
+        self.waiting[1].callback("etag1")
+        self.waiting[3].callback("etag3")
+        self.assertEqual(sorted(self.waiting), [1, 2, 3])  # nothing started after the failure
+        self.failureResultOf(done, ValueError)
+
+    def test_no_parts(self):
+        self.assertEqual(self.successResultOf(defer.ensureDeferred(in_flight(0, self.run_part, 4))), [])
