@@ -254,6 +254,42 @@ class FileSource:
 
 
 @implementer(IByteSource)
+class SliceSource:
+    """C{length} bytes from C{offset} of another source: for a service that
+    answers a ranged read with the whole blob."""
+
+    def __init__(self, source, offset: int, length: int):
+        self._source = source
+        self._skip = offset
+        self._remaining = length
+        self._pending = b""
+
+    async def _read(self, size: int) -> bytes:
+        while not self._pending and self._remaining > 0:
+            chunk = await self._source.read(max(size, CHUNK))
+            if not chunk:
+                break
+            if len(chunk) <= self._skip:
+                self._skip -= len(chunk)
+                continue
+            self._pending = chunk[self._skip:self._skip + self._remaining]
+            self._skip = 0
+        data, self._pending = self._pending[:size], self._pending[size:]
+        self._remaining -= len(data)
+        if not data or self._remaining == 0:
+            self._source.close()
+        return data
+
+    def read(self, size: int = CHUNK) -> defer.Deferred:
+        return defer.ensureDeferred(self._read(size))
+
+    def close(self) -> None:
+        self._pending = b""
+        self._remaining = 0
+        self._source.close()
+
+
+@implementer(IByteSource)
 class HashingSource:
     """Passes a source through while computing MD5 and SHA-256 of what passed
     (either may be turned off; it is then None)."""

@@ -28,7 +28,7 @@ from dgproxy.engine.keys import (
 from dgproxy.engine.policy import DeltaPolicy
 from dgproxy.engine.references import ReferenceCorrupt, ReferenceFile, References
 from dgproxy.engine.spool import Spool, SpoolFile
-from dgproxy.storage.interface import AlreadyExists, StoredObject
+from dgproxy.storage.interface import AlreadyExists, ByteRange, StoredObject
 from dgproxy.storage.metadata import (
     DELTA, EMPTY_MD5, INTERNAL_REFERENCE_NAME, PASSTHROUGH, REFERENCE, REFERENCE_NAME,
     ObjectMetadata)
@@ -612,12 +612,16 @@ class ObjectStore:
                 best = ObjectVersion(key, stored, meta)
         return best
 
-    async def get(self, bucket: str, key: str):
-        """(current version, source of its whole content) or None, starting the
-        passthrough read while the delta variant is looked up: one round trip
-        to an S3 backend for the common case. The source is None when the
-        delta is current (open it with L{open})."""
-        plain, delta = await self._blobs(bucket, ObjectKey(key), self.backend.open_with_stat)
+    async def get(self, bucket: str, key: str, byte_range: Optional[ByteRange] = None):
+        """(current version, source of its content, or of C{byte_range} of it)
+        or None, starting the passthrough read while the delta variant is
+        looked up: one round trip to an S3 backend for the common case. The
+        source is None when the delta is current (open it with L{open}) or
+        the range does not resolve."""
+        def read_plain(bucket: str, key: str):
+            return self.backend.open_with_stat(bucket, key, byte_range)
+
+        plain, delta = await self._blobs(bucket, ObjectKey(key), read_plain)
         best, source = None, None
         if plain is not None:
             stored, source = plain

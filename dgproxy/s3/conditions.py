@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Callable, Optional
 
 from dgproxy.s3 import errors
+from dgproxy.storage.interface import ByteRange
 from dgproxy.wire import parse_http_date
-
-_RANGE = re.compile(r"^\s*bytes\s*=\s*([0-9]*)\s*-\s*([0-9]*)\s*$")
-_MAX_DIGITS = 19  # past this a number is "beyond any object" (and int() may refuse it)
 
 
 class NotModified(Exception):
@@ -22,32 +19,13 @@ def parse_range(header: Optional[str], size: int) -> Optional[tuple[int, int]]:
 
     A header S3 would not understand (multiple ranges, bad syntax) is
     ignored, as RFC 9110 says; an unsatisfiable one raises InvalidRange."""
-    if not header:
+    byte_range = ByteRange.parse(header)
+    if byte_range is None:
         return None
-    m = _RANGE.match(header)
-    if not m:
-        return None
-    first, last = m.groups()
-    if not first and not last:
-        return None
-    if len(first) > _MAX_DIGITS:
+    span = byte_range.resolve(size)
+    if span is None:
         raise errors.InvalidRange(ActualObjectSize=str(size))
-    if len(last) > _MAX_DIGITS:
-        last = str(2**63)
-    if not first:
-        suffix = int(last)
-        if suffix == 0:
-            raise errors.InvalidRange(ActualObjectSize=str(size))
-        if size == 0:
-            raise errors.InvalidRange(ActualObjectSize=str(size))
-        return max(0, size - suffix), size - 1
-    start = int(first)
-    end = int(last) if last else size - 1
-    if last and end < start:
-        return None
-    if start >= size:
-        raise errors.InvalidRange(ActualObjectSize=str(size))
-    return start, min(end, size - 1)
+    return span
 
 
 def _etag_matches(header: str, etag: str, weak: bool = False) -> bool:

@@ -20,7 +20,7 @@ from dgproxy.s3 import conditions, errors, listing, xmlio
 from dgproxy.s3.call import Response, S3Call
 from dgproxy.s3.names import check_bucket_name, check_key
 from dgproxy.storage.interface import (
-    BucketMissing, BucketNotEmptyError, KeyConflict, NameTooLong)
+    BucketMissing, BucketNotEmptyError, ByteRange, KeyConflict, NameTooLong)
 from dgproxy.streams import read_all
 from dgproxy.wire import format_http_date
 
@@ -281,8 +281,10 @@ class Operations:
     async def get_object(self, call: S3Call) -> Response:
         check_key(call.key, ingest=False)
         source = None
-        if call.method == "GET" and call.header("range") is None:
-            got = await self.store.get(call.bucket, call.key)
+        if call.method == "GET":
+            # The range goes down as it is: on an S3 backend one ranged GET
+            # brings the bytes and the metadata together.
+            got = await self.store.get(call.bucket, call.key, ByteRange.parse(call.header("range")))
             if got is None:
                 await self._require_bucket(call.bucket)
                 raise errors.NoSuchKey(Key=call.key)
@@ -291,20 +293,22 @@ class Operations:
             version = await self._current(call)
         try:
             conditions.check_read(call.header, version.etag, version.last_modified)
-        except (conditions.NotModified, errors.S3Error) as e:
+            headers = self._object_headers(version)
+            for param, header in RESPONSE_OVERRIDES.items():
+                if param in call.query:
+                    headers = [(h, v) for h, v in headers if h.lower() != header.lower()]
+                    headers.append((header, call.query[param]))
+            size = version.size
+            span = conditions.parse_range(call.header("range"), size)
+        except conditions.NotModified:
             if source is not None:
                 source.close()
-            if isinstance(e, errors.S3Error):
-                raise
             return Response(304, [("ETag", version.etag),
                                   ("Last-Modified", format_http_date(version.last_modified))])
-        headers = self._object_headers(version)
-        for param, header in RESPONSE_OVERRIDES.items():
-            if param in call.query:
-                headers = [(h, v) for h, v in headers if h.lower() != header.lower()]
-                headers.append((header, call.query[param]))
-        size = version.size
-        span = conditions.parse_range(call.header("range"), size)
+        except BaseException:
+            if source is not None:
+                source.close()
+            raise
         if span is None:
             offset, length, status = 0, size, 200
         else:

@@ -27,7 +27,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from dgproxy.storage.interface import IBackend, IObjectWriter, StorageError
+from dgproxy.storage.interface import IBackend, IObjectWriter, StorageError, open_span
 from dgproxy.storage.metadata import DELTA, ObjectMetadata
 from dgproxy.streams import CHUNK, SOCKET_CHUNK
 
@@ -432,16 +432,30 @@ class EncryptingBackend:
             hint = strip_markers(hint)
         return _PlainWriter(await self.inner.open_write(bucket, key, size=size, hint=hint))
 
-    async def open_with_stat(self, bucket: str, key: str):
-        """The whole blob and its metadata from one read of the inner backend,
-        decrypted (or checked for lost markers) like L{open_read}."""
-        got = await self.inner.open_with_stat(bucket, key)
+    async def open_with_stat(self, bucket: str, key: str, byte_range=None):
+        """The blob (or C{byte_range} of it) and its metadata from one read of
+        the inner backend, decrypted (or checked for lost markers) like
+        L{open_read}. A range of an encrypted blob is a range of its plaintext:
+        that takes the general path."""
+        got = await self.inner.open_with_stat(bucket, key, byte_range)
         if got is None:
             return None
         stored, raw = got
         meta = stored.metadata
         marker = meta.user_metadata.get(MARKER) if meta is not None else None
         try:
+            if byte_range is not None:
+                span = byte_range.resolve(stored.size) if marker is None else None
+                if marker is None and (raw is None or (span[0] > 0 and not self._sniff_ranges)):
+                    return stored, raw
+                if marker is not None or span[0] > 0:
+                    # A range of the plaintext, or a sniff for a lost marker
+                    # (it needs the first bytes): the general path.
+                    if raw is not None:
+                        raw.close()
+                        raw = None
+                    return await open_span(self, bucket, key, stored, byte_range,
+                                           stored.size if marker is None else blob_size(meta))
             if marker is None:
                 first = await _peek(raw)
                 if first[:4] == MAGIC:
@@ -455,7 +469,8 @@ class EncryptingBackend:
             size = blob_size(meta)
             return stored, _DecryptingSource(raw, ChunkDecryptor(key_bytes, size), 0, size)
         except BaseException:
-            raw.close()
+            if raw is not None:
+                raw.close()
             raise
 
     async def _unmarked(self, bucket: str, key: str, offset: int, length: Optional[int]):

@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from dgproxy.storage.interface import (
     AlreadyExists, BucketInfo, BucketMissing, NameTooLong, BucketNotEmptyError, IBackend, IObjectWriter,
-    KeyConflict, StorageError, StoredObject)
+    KeyConflict, StorageError, StoredObject, open_span)
 from dgproxy.storage.metadata import (
     REFERENCE_NAME, XATTR_NAME, MetadataError, ObjectMetadata)
 from dgproxy.streams import FileSink, FileSource
@@ -292,12 +292,11 @@ class FilesystemBackend:
         """The blob's own file, for readers that want a path (xdelta3's source)."""
         return self._existing_path(bucket, key)
 
-    async def open_with_stat(self, bucket: str, key: str):
+    async def open_with_stat(self, bucket: str, key: str, byte_range=None):
         stored = await self.stat(bucket, key)
         if stored is None:
             return None
-        source = await self.open_read(bucket, key)
-        return None if source is None else (stored, source)
+        return await open_span(self, bucket, key, stored, byte_range, stored.size)
 
     def stat(self, bucket: str, key: str) -> defer.Deferred:
         def stat_():

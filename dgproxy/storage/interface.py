@@ -8,6 +8,7 @@ to store; the backend only keeps it safe.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Optional
@@ -15,6 +16,54 @@ from typing import Optional
 from zope.interface import Attribute, Interface
 
 from dgproxy.storage.metadata import ObjectMetadata
+
+
+_RANGE = re.compile(r"^\s*bytes\s*=\s*([0-9]*)\s*-\s*([0-9]*)\s*$")
+_MAX_DIGITS = 19  # past this a number is "beyond any object" (and int() may refuse it)
+_BEYOND = 2 ** 63
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """One C{Range: bytes=…} before the object's size is known: C{first}-C{last}
+    (C{last} None: to the end), or the last C{suffix} bytes. A backend can ask
+    for it as it is, so a ranged read needs no lookup of the size first."""
+
+    first: Optional[int] = None
+    last: Optional[int] = None
+    suffix: Optional[int] = None
+
+    @classmethod
+    def parse(cls, header: Optional[str]) -> Optional["ByteRange"]:
+        """The range of a header, or None where S3 reads the whole object: no
+        header, or one it does not understand (multiple ranges, bad syntax,
+        last before first), which RFC 9110 says to ignore."""
+        m = _RANGE.match(header or "")
+        if not m or m.groups() == ("", ""):
+            return None
+        first, last = (None if not g else _BEYOND if len(g) > _MAX_DIGITS else int(g)
+                       for g in m.groups())
+        if first is None:
+            return cls(suffix=last)
+        if last is not None and last < first:
+            return None
+        return cls(first=first, last=last)
+
+    def resolve(self, size: int) -> Optional[tuple[int, int]]:
+        """(first, last) byte of an object of C{size} bytes; None when the range
+        is unsatisfiable (S3's InvalidRange)."""
+        if self.suffix is not None:
+            if self.suffix == 0 or size == 0:
+                return None
+            return max(0, size - self.suffix), size - 1
+        if self.first >= size:
+            return None
+        return self.first, size - 1 if self.last is None else min(self.last, size - 1)
+
+    def header(self) -> str:
+        if self.suffix is not None:
+            return f"bytes=-{self.suffix}"
+        return f"bytes={self.first}-{'' if self.last is None else self.last}"
 
 
 class StorageError(Exception):
@@ -127,9 +176,12 @@ class IBackend(Interface):
         """Deferred L{IByteSource} over the stored bytes, or None if absent.
         C{stored}, when the caller has just looked the blob up, saves a lookup."""
 
-    def open_with_stat(bucket: str, key: str):
-        """Deferred (L{StoredObject}, L{IByteSource} of the whole blob) or None:
-        metadata and content together (one request on S3)."""
+    def open_with_stat(bucket: str, key: str, byte_range: Optional[ByteRange] = None):
+        """Deferred (L{StoredObject}, L{IByteSource}) or None: metadata and
+        content together (one request on S3). The source is the whole blob, or
+        with C{byte_range} the bytes it resolves to against the blob's size
+        (its plaintext size where the blob is encrypted), or None when it
+        does not resolve."""
 
     def discard(bucket: str, key: str):
         """Deferred: delete if present, without reporting whether it was."""
@@ -153,3 +205,19 @@ class IBackend(Interface):
         C{more(objects, prefixes)} (all listed so far) how many more entries
         are wanted: it stops at 0, and may size its next page by the answer.
         A backend may also ignore them and return everything."""
+
+
+async def open_span(backend, bucket: str, key: str, stored: StoredObject,
+                    byte_range: Optional[ByteRange], size: int):
+    """(C{stored}, a source over what C{byte_range} resolves to against
+    C{size}: the whole blob without one, None when it does not resolve),
+    or None if the blob went away: L{IBackend.open_with_stat} for a blob
+    already looked up."""
+    offset, length = 0, None
+    if byte_range is not None:
+        span = byte_range.resolve(size)
+        if span is None:
+            return stored, None
+        offset, length = span[0], span[1] - span[0] + 1
+    source = await backend.open_read(bucket, key, offset, length, stored)
+    return None if source is None else (stored, source)

@@ -70,9 +70,9 @@ class RoutingBackend:
         backend, real = self.resolve(bucket)
         return backend.assemble(real, key, sources, meta)
 
-    def open_with_stat(self, bucket: str, key: str):
+    def open_with_stat(self, bucket: str, key: str, byte_range=None):
         backend, real = self.resolve(bucket)
-        return backend.open_with_stat(real, key)
+        return backend.open_with_stat(real, key, byte_range)
 
     def stat(self, bucket: str, key: str):
         backend, real = self.resolve(bucket)

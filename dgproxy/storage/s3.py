@@ -42,11 +42,11 @@ from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 from dgproxy.storage.interface import (
-    AlreadyExists, BackendUnavailable, BucketInfo, BucketMissing, BucketNotEmptyError, IBackend,
-    IObjectWriter, StoredObject, UpstreamError)
+    AlreadyExists, BackendUnavailable, BucketInfo, BucketMissing, BucketNotEmptyError, ByteRange,
+    IBackend, IObjectWriter, StoredObject, UpstreamError, open_span)
 from dgproxy.storage.metadata import (
     DELTA_SUFFIX, REFERENCE_NAME, ObjectMetadata, from_s3_headers, to_s3_headers)
-from dgproxy.streams import BodyStream, PauseGate
+from dgproxy.streams import BodyStream, BytesSource, PauseGate, SliceSource
 from dgproxy.wire import feed_head_apart, parse_http_date
 
 log = Logger(namespace="dgproxy.storage.s3")
@@ -471,6 +471,22 @@ def _headers(response) -> dict[str, str]:
             for k, v in response.headers.getAllRawHeaders()}
 
 
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+)")
+
+
+def _served_whole(response, byte_range: ByteRange) -> Optional[int]:
+    """The blob's size from a 206's C{Content-Range}, if the answer carries
+    exactly the bytes C{byte_range} asks for; None otherwise."""
+    values = response.headers.getRawHeaders(b"content-range") or [b""]
+    m = _CONTENT_RANGE.fullmatch(values[0].decode("latin-1").strip())
+    if not m:
+        return None
+    first, last, total = (int(g) for g in m.groups())
+    if byte_range.resolve(total) != (first, last) or response.length != last - first + 1:
+        return None
+    return total
+
+
 @implementer(IBodyProducer)
 class _PushBody(PauseGate):
     """The body of a streaming upstream PUT, written to as the client's arrives."""
@@ -734,11 +750,12 @@ class S3Backend:
         await treq.content(response)
 
     # -- objects -------------------------------------------------------------
-    def _stored(self, key: str, response, head: bool = False) -> StoredObject:
+    def _stored(self, key: str, response, size: Optional[int] = None) -> StoredObject:
+        """The blob a HEAD or GET answer describes; C{size} where the answer's
+        length is not the blob's (a HEAD's, a range's)."""
         h = _headers(response)
-        # A HEAD answer keeps its Content-Length header; for a GET, Twisted moves
-        # it into response.length.
-        size = int(h.get("content-length", "0")) if head else response.length
+        if size is None:
+            size = response.length
         modified = _http_date(h.get("last-modified"))
         etag = h.get("etag", "").strip('"')
         meta = from_s3_headers(h, size, modified)
@@ -746,22 +763,41 @@ class S3Backend:
             meta = meta.with_changes(md5=_fallback_md5(meta, etag))
         return StoredObject(key, size, modified, meta, etag=etag)
 
-    async def open_with_stat(self, bucket: str, key: str):
+    async def open_with_stat(self, bucket: str, key: str,
+                             byte_range: Optional[ByteRange] = None):
         """(StoredObject, source) from one GET, or None: the metadata comes
-        with the body, saving the HEAD a read would otherwise start with."""
-        response = await self.client.request("GET", bucket, key)
+        with the body, saving the HEAD a read would otherwise start with. A
+        range is sent as it is, and the blob's size read from the answer's
+        C{Content-Range}."""
+        headers = {} if byte_range is None else {"Range": byte_range.header()}
+        response = await self.client.request("GET", bucket, key, headers=headers)
         if response.code == 404:
             await treq.content(response)
             return None
-        if response.code != 200:
+        if response.code == 206 and byte_range is not None:
+            total = _served_whole(response, byte_range)
+            if total is not None:
+                return (self._stored(key, response, size=total),
+                        _ResponseSource(response, self.client))
+        elif response.code == 200 and isinstance(response.length, int):
+            stored = self._stored(key, response)
+            source = _ResponseSource(response, self.client)
+            if byte_range is None:
+                return stored, source
+            # A service that ignores Range sends the whole blob: cut the range out.
+            span = byte_range.resolve(response.length)
+            if span is None:
+                source.close()
+                return stored, None
+            return stored, SliceSource(source, span[0], span[1] - span[0] + 1)
+        elif response.code not in (200, 206, 416):
             await self._fail(response, bucket)
-        if not isinstance(response.length, int):
-            # A chunked answer tells no size: fall back to HEAD + GET.
-            _ResponseSource(response, self.client).close()
-            stored = await self.stat(bucket, key)
-            source = None if stored is None else await self.open_read(bucket, key)
-            return None if source is None else (stored, source)
-        return self._stored(key, response), _ResponseSource(response, self.client)
+        # A chunked answer (no size), an unsatisfiable range (the 416 carries
+        # no metadata) or a 206 of other bytes than asked: HEAD, then GET.
+        _ResponseSource(response, self.client).close()
+        stored = await self.stat(bucket, key)
+        return None if stored is None else await open_span(self, bucket, key, stored, byte_range,
+                                                           stored.size)
 
     async def stat(self, bucket: str, key: str) -> Optional[StoredObject]:
         response = await self.client.request("HEAD", bucket, key)
@@ -770,7 +806,8 @@ class S3Backend:
             return None
         if response.code != 200:
             raise UpstreamError(response.code, f"HTTP{response.code}", f"HEAD {key} failed")
-        return self._stored(key, response, head=True)
+        return self._stored(key, response,
+                            size=int(response.headers.getRawHeaders(b"content-length", [b"0"])[0]))
 
     async def open_read(self, bucket: str, key: str, offset: int = 0,
                         length: Optional[int] = None, stored=None):
@@ -778,7 +815,6 @@ class S3Backend:
         if offset or length is not None:
             end = "" if length is None else str(offset + length - 1)
             if length == 0:
-                from dgproxy.streams import BytesSource
                 return BytesSource(b"")
             headers["Range"] = f"bytes={offset}-{end}"
         response = await self.client.request("GET", bucket, key, headers=headers)
@@ -787,7 +823,13 @@ class S3Backend:
             return None
         if response.code not in (200, 206):
             await self._fail(response, bucket)
-        return _ResponseSource(response, self.client)
+        source = _ResponseSource(response, self.client)
+        if response.code == 200 and headers:
+            # A service that ignores Range sends the whole blob: cut the range out.
+            if length is None:
+                length = response.length - offset if isinstance(response.length, int) else 2 ** 63
+            return SliceSource(source, offset, length)
+        return source
 
     async def open_write(self, bucket: str, key: str, size: Optional[int] = None,
                          hint: Optional[ObjectMetadata] = None):

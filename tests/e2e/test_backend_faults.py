@@ -260,6 +260,34 @@ class SilentBackendTests(unittest.TestCase):
 
 
 
+class RangeAnswerTests(unittest.TestCase):
+    """A ranged GET goes upstream as one ranged GET. HTTP lets a service
+    answer it with the whole object (200); the client still gets just its
+    range."""
+
+    def setUp(self):
+        self.fake, self.proxy = proxy_on_fake_s3(self)
+        self.s3 = self.proxy.client()
+        self.s3.create_bucket(Bucket="ranges")
+
+    def test_a_service_that_ignores_ranges(self):
+        body = random_bytes(3 * 1024 * 1024 + 17, seed=5)
+        self.s3.put_object(Bucket="ranges", Key="clip.dat", Body=body)
+        self.fake.ignores_ranges = True
+        for header, expected in [("bytes=0-99", body[:100]), ("bytes=-1000", body[-1000:]),
+                                 ("bytes=2000000-", body[2000000:]),
+                                 ("bytes=1048570-2097160", body[1048570:2097161])]:
+            got = self.s3.get_object(Bucket="ranges", Key="clip.dat", Range=header)
+            self.assertEqual(got["ContentLength"], len(expected), header)
+            self.assertEqual(got["Body"].read(), expected, header)
+        self.assertEqual(s3_error(self.s3.get_object, Bucket="ranges", Key="clip.dat",
+                                  Range=f"bytes={len(body)}-"), (416, "InvalidRange"))
+        # One upstream request per ranged GET, whatever the answer.
+        before = len(self.fake.requests)
+        self.s3.get_object(Bucket="ranges", Key="clip.dat", Range="bytes=5-9")["Body"].read()
+        self.assertEqual([r.method for r in self.fake.requests[before:]], ["GET"])
+
+
 class UpstreamMultipartTests(unittest.TestCase):
     """An object a client uploaded in parts is joined upstream: an upstream
     multipart upload whose parts are copied from the stored ones, with no

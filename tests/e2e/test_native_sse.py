@@ -205,6 +205,7 @@ class FakeS3:
         self.fails: dict[str, tuple] = {}  # key -> (status, code, message) every request gets
         self.failed_parts: dict[int, tuple] = {}  # part number -> what every UploadPart of it gets
         self.complete_error: Optional[str] = None  # a code Complete answers inside its 200
+        self.ignores_ranges = False  # answer a ranged GET with the whole object, as HTTP allows
         self.server = _Server(("127.0.0.1", 0), _Handler)
         self.server.fake = self
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -287,7 +288,7 @@ class FakeS3:
                     "Last-Modified": email.utils.formatdate(obj.modified, usegmt=True)})
         data, status = obj.body, 200
         m = re.fullmatch(r"bytes=(\d*)-(\d*)", headers.get("range", ""))
-        if m and obj.body:
+        if m and obj.body and not self.ignores_ranges:
             size = len(obj.body)
             if m.group(1):
                 start = int(m.group(1))

@@ -855,9 +855,9 @@ class S3BackendTests(S3BackendCase):
         self.assertLessEqual(lists, 2 * pages, f"{lists} upstream LISTs for {pages} pages")
 
     def test_reads_of_a_plain_name_cost_one_upstream_request(self):
-        """SeaweedFS's own request counters: a GET or HEAD of a name dgproxy
-        never stores as a delta is one upstream request, a ranged GET two
-        (HEAD, then the range); a delta-eligible name is also looked up as
+        """SeaweedFS's own request counters: a GET, ranged GET or HEAD of a
+        name dgproxy never stores as a delta is one upstream request (the
+        range is sent as it is); a delta-eligible name is also looked up as
         its .delta."""
         bucket = "dgp-read-cost"
         self.s3.create_bucket(Bucket=bucket)
@@ -873,10 +873,21 @@ class S3BackendTests(S3BackendCase):
         self.assertEqual(cost(lambda: self.s3.get_object(Bucket=bucket, Key="video.mp4")
                               ["Body"].read()), 1)
         self.assertEqual(cost(lambda: self.s3.head_object(Bucket=bucket, Key="video.mp4")), 1)
-        part = {}
-        self.assertEqual(cost(lambda: part.setdefault("body", self.s3.get_object(
-            Bucket=bucket, Key="video.mp4", Range="bytes=1000-1999")["Body"].read())), 2)
-        self.assertEqual(part["body"], data[1000:2000])
+        for header, expected in [("bytes=1000-1999", data[1000:2000]), ("bytes=-700", data[-700:]),
+                                 ("bytes=299000-", data[299000:]), ("bytes=0-0", data[:1]),
+                                 ("bytes=299990-400000", data[299990:])]:
+            got = {}
+            self.assertEqual(cost(lambda: got.update(self.s3.get_object(
+                Bucket=bucket, Key="video.mp4", Range=header))), 1, header)
+            self.assertEqual(got["Body"].read(), expected, header)
+            first = len(data) - len(expected) if header.startswith("bytes=-") else \
+                int(header[6:].split("-")[0])
+            self.assertEqual(got["ContentRange"],
+                             f"bytes {first}-{first + len(expected) - 1}/{len(data)}", header)
+        # An unsatisfiable range: the 416 carries no metadata, so a HEAD follows.
+        e = self.assertRaises(ClientError, self.s3.get_object, Bucket=bucket, Key="video.mp4",
+                              Range=f"bytes={len(data)}-")
+        self.assertEqual(e.response["ResponseMetadata"]["HTTPStatusCode"], 416)
         self.assertEqual(cost(lambda: self.s3.head_object(Bucket=bucket, Key="app.tar")), 2)
 
     def test_list_does_not_head_every_key_every_time(self):

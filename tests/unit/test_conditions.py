@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from twisted.trial import unittest
 
 from dgproxy.s3.conditions import NotModified, check_read, check_write, parse_range
+from dgproxy.storage.interface import ByteRange
 from dgproxy.s3.errors import S3Error
 
 SETTINGS = settings(max_examples=200, deadline=None, derandomize=True, database=None,
@@ -129,6 +130,24 @@ class ParseRangeTests(unittest.TestCase):
             self.assertRaises(S3Error, parse_range, header, size)
         else:
             self.assertEqual(parse_range(header, size), (max(0, size - n), size - 1))
+
+
+class ByteRangeHeaderTests(unittest.TestCase):
+    """The range dgproxy sends upstream is the client's, re-spelled: it
+    resolves to the same bytes against any size."""
+
+    @SETTINGS
+    @given(st.text(alphabet="bytes=-0123456789 ", max_size=30) | st.builds(
+        lambda a, b: f"bytes={a}-{b}", st.integers(0, 10 ** 25), st.one_of(st.just(""),
+                                                                          st.integers(0, 10 ** 25))),
+           st.integers(0, 10 ** 13))
+    def test_sent_header_means_the_same(self, header, size):
+        byte_range = ByteRange.parse(header)
+        if byte_range is None:
+            return
+        again = ByteRange.parse(byte_range.header())
+        self.assertEqual(again, byte_range)
+        self.assertEqual(again.resolve(size), byte_range.resolve(size))
 
 
 class CheckReadTests(unittest.TestCase):

@@ -19,7 +19,7 @@ from twisted.trial import unittest
 
 from dgproxy.streams import (
     CHUNK, BodyStream, BytesSource, ClientDisconnected, FileSink, FileSource, HashingSource,
-    pump_to_request, read_all)
+    SliceSource, pump_to_request, read_all)
 
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -611,3 +611,22 @@ class FileSinkTests(unittest.TestCase):
             with open(path, "rb") as check:
                 self.assertEqual(check.read(), b"")
         return defer.ensureDeferred(go())
+
+
+class SliceSourceTests(unittest.TestCase):
+    """The range a service that ignores Range leaves to dgproxy to cut out."""
+
+    drain = SourceTests.drain
+
+    @SETTINGS
+    @given(data=st.binary(max_size=5000), offset=st.integers(0, 6000),
+           length=st.integers(0, 6000), chunk=st.integers(1, 700), size=st.integers(1, 900))
+    def test_gives_exactly_the_slice(self, data, offset, length, chunk, size):
+        class Chunked(BytesSource):
+            def read(self, n=CHUNK):
+                return super().read(min(n, chunk))
+
+        inner = Chunked(data)
+        source = SliceSource(inner, offset, length)
+        self.assertEqual(self.drain(source, size), data[offset:offset + length])
+        self.assertEqual(self.successResultOf(inner.read()), b"")  # closed once done
