@@ -166,8 +166,10 @@ class MultipartOperations:
         done = await self.mp.completed(call.bucket, call.key, upload_id)
         if done is not None:  # a retry of a Complete that already succeeded
             return Response(200, list(XML), self._result(call, done["etag"]))
-        # Bad part lists are answered 400 now; only the assembly runs behind
-        # the keep-alive 200 (where S3, too, reports late errors in the body).
+        # Bad part lists and failed conditions are answered now; only the
+        # assembly runs behind the keep-alive 200 (where S3, too, reports
+        # late errors in the body).
+        await self.ops.check_write_conditions(call)
         await self._run(self.mp.validate(call.bucket, call.key, upload_id, requested))
         work = defer.ensureDeferred(self._run(self.ops._guard(
             self.mp.complete(call.bucket, call.key, upload_id, requested))))

@@ -243,15 +243,20 @@ class Operations:
         length = self._content_length(call)
         expected_md5 = self._content_md5(call)
         user_meta = self._user_metadata(call)
-        if call.header("if-none-match") is not None or call.header("if-match") is not None:
-            current = await self.store.head(call.bucket, call.key)
-            conditions.check_write(call.header, current.etag if current else None)
+        await self.check_write_conditions(call)
         await self._require_bucket(call.bucket)
         body = wrap_body(call.request.accept_body(), call.request.header_map(), call.auth)
         meta = await self._store(call, body, content_type=call.header("content-type"),
                                  user_metadata=user_meta, expected_md5=expected_md5,
                                  size_hint=length, expected_sha256=_signed_sha256(call))
         return Response(200, [("ETag", meta.etag)])
+
+    async def check_write_conditions(self, call: S3Call) -> None:
+        """C{If-None-Match}/C{If-Match} of a write, against the key's current
+        object. (Checked before the write, not atomically with it.)"""
+        if call.header("if-none-match") is not None or call.header("if-match") is not None:
+            current = await self.store.head(call.bucket, call.key)
+            conditions.check_write(call.header, current.etag if current else None, call.key)
 
     async def _store(self, call: S3Call, body, **kwargs):
         return await self._guard(self.store.put(call.bucket, call.key, body, **kwargs))

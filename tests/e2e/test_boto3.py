@@ -349,6 +349,10 @@ class ObjectTests(S3Case):
         self.assertEqual(self.s3.get_object(Bucket=bucket, Key="p")["Body"].read(), b"first")
         self.s3.put_object(Bucket=bucket, Key="p", Body=b"fourth", IfMatch=first["ETag"])
         self.assertEqual(self.s3.get_object(Bucket=bucket, Key="p")["Body"].read(), b"fourth")
+        # If-Match on a key with no object: 404, as AWS answers.
+        self.expect_error(404, "NoSuchKey", self.s3.put_object, Bucket=bucket, Key="gone",
+                          Body=b"x", IfMatch=first["ETag"])
+        self.assertEqual(self.keys(bucket), ["p"])
         self.assertEqual(self.proxy.temp_files(), [])
 
     def test_content_md5(self):

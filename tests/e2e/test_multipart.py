@@ -718,6 +718,28 @@ class ProtocolTests(MultipartCase):
         # The parts are gone: the object is all that remains.
         self.assertEqual(self.files_under(self.upload_dir(bucket, upload_id)), [])
 
+    def test_conditional_complete(self):
+        """If-None-Match: * and If-Match on Complete, as AWS applies them: a
+        refused Complete keeps the old object, and the upload stays open."""
+        bucket = self.new_bucket()
+        key = "cond.dat"
+        old = self.s3.put_object(Bucket=bucket, Key=key, Body=b"the original")["ETag"]
+        upload_id, parts, (e1, e2) = self._two_parts(bucket, key, 12)
+        done = {"Parts": [{"PartNumber": 1, "ETag": e1}, {"PartNumber": 2, "ETag": e2}]}
+        self.assertS3Error("PreconditionFailed", 412, self.s3.complete_multipart_upload,
+                           Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload=done,
+                           IfNoneMatch="*")
+        self.assertS3Error("PreconditionFailed", 412, self.s3.complete_multipart_upload,
+                           Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload=done,
+                           IfMatch=mp_etag(parts))
+        self.assertObject(bucket, key, b"the original", old)
+        self.assertS3Error("NoSuchKey", 404, self.s3.complete_multipart_upload,
+                           Bucket=bucket, Key="elsewhere.dat", UploadId=upload_id,
+                           MultipartUpload=done, IfMatch=old)
+        got = self.s3.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id,
+                                                MultipartUpload=done, IfMatch=old)
+        self.assertObject(bucket, key, b"".join(parts), got["ETag"])
+
     def test_same_part_number_twice_keeps_the_last(self):
         bucket = self.new_bucket()
         key = "twice.dat"

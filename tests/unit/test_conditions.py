@@ -281,9 +281,12 @@ class CheckWriteTests(unittest.TestCase):
     def test_if_match_replaces_only_that_version(self):
         self.assertEqual(self.write(ETAG, if_match=ETAG), "ok")
         self.assertEqual(self.write(ETAG, if_match='"other"'), 412)
-        self.assertEqual(self.write(None, if_match=ETAG), 412)
         self.assertEqual(self.write(ETAG, if_match="*"), "ok")
-        self.assertEqual(self.write(None, if_match="*"), 412)
+
+    def test_if_match_on_a_missing_key_is_no_such_key(self):
+        """As AWS answers (moto's test of it is checked against AWS)."""
+        self.assertEqual(self.write(None, if_match=ETAG), 404)
+        self.assertEqual(self.write(None, if_match="*"), 404)
 
     def test_error_is_precondition_failed(self):
         e = self.assertRaises(S3Error, check_write, headers(if_none_match="*"), ETAG)
