@@ -19,7 +19,6 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 import tempfile
 import zipfile
 from typing import Optional
@@ -32,46 +31,19 @@ from tests.e2e.seaweed import WEED_ACCESS_KEY, WEED_SECRET_KEY
 from tests.e2e.test_s3_backend import (
     ClassFixture, WeedServer, etag, list_all, md5_hex, random_bytes, stored_meta,
     stored_objects, tar_versions)
+from tests.e2e.toolvenv import CACHE, ensure_tool
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DG_VENV = os.path.join(REPO, ".cache", "deltaglider-venv")
+DG_VENV = os.path.join(CACHE, "deltaglider-venv")
 DG_BIN = os.path.join(DG_VENV, "bin", "deltaglider")
 DG_REQUIREMENT = "deltaglider>=6,<7"
 BUCKET = "interop"
 
 
-def _works() -> bool:
-    if not os.path.exists(DG_BIN):
-        return False
-    try:
-        proc = subprocess.run([DG_BIN, "--version"], capture_output=True, timeout=60,
-                              env=dict(os.environ, DG_SUPPRESS_DEPRECATION="1"))
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return proc.returncode == 0
-
-
 def ensure_deltaglider() -> None:
     """Install the tool into its own virtualenv unless it is there already;
     L{unittest.SkipTest} when that cannot be done (no PyPI, no venv)."""
-    if _works():
-        return
-    py = os.path.join(DG_VENV, "bin", "python")
-    if not os.path.exists(py):
-        os.makedirs(os.path.dirname(DG_VENV), exist_ok=True)
-        proc = subprocess.run([sys.executable, "-m", "venv", DG_VENV], capture_output=True,
-                              text=True, timeout=300)
-        if proc.returncode != 0:
-            raise unittest.SkipTest(f"cannot create a virtualenv for deltaglider: "
-                                    f"{proc.stderr.strip()[-500:]}")
-    try:
-        proc = subprocess.run([py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                               DG_REQUIREMENT], capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired:
-        raise unittest.SkipTest("PyPI unreachable: `pip install deltaglider` timed out") from None
-    if proc.returncode != 0 or not _works():
-        raise unittest.SkipTest("cannot install deltaglider from PyPI: "
-                                + (proc.stderr or proc.stdout).strip()[-800:])
+    ensure_tool(DG_VENV, DG_REQUIREMENT, ["deltaglider", "--version"],
+                env={"DG_SUPPRESS_DEPRECATION": "1"})
 
 
 def zip_versions(n: int, seed: int) -> list[bytes]:
