@@ -28,7 +28,7 @@ from tests.e2e import test_interop
 from tests.e2e.harness import ProxyProcess
 from tests.e2e.moto import MotoServer
 from tests.e2e.test_s3_backend import (
-    ClassFixture, etag, list_all, random_bytes, s3_error, sha256_hex, stored_meta,
+    ClassFixture, ThroughAndBehind, etag, list_all, random_bytes, s3_error, sha256_hex,
     stored_objects)
 
 MiB = 1024 * 1024
@@ -61,7 +61,7 @@ def read_tree(root: str) -> dict[str, bytes]:
     return out
 
 
-class MotoBackendCase(ClassFixture, unittest.TestCase):
+class MotoBackendCase(ThroughAndBehind, ClassFixture, unittest.TestCase):
     """One moto_server + one dgproxy using it as its only backend (DGP_S3_*)."""
 
     moto: Optional[MotoServer] = None
@@ -78,7 +78,7 @@ class MotoBackendCase(ClassFixture, unittest.TestCase):
                                  config_yaml=cls.config_yaml)
         cls.proxy.start()
         cls.s3 = cls.proxy.client()
-        cls.m = cls.moto.client()
+        cls.m = cls.direct = cls.moto.client()
         cls.s3.create_bucket(Bucket=cls.bucket)
 
     @classmethod
@@ -101,21 +101,8 @@ class MotoBackendCase(ClassFixture, unittest.TestCase):
             self.fail("moto_server died during the test:\n" + self.moto.log())
 
     # -- helpers ---------------------------------------------------------------------------
-    def put(self, key: str, data: bytes, **kwargs) -> dict:
-        return self.s3.put_object(Bucket=self.bucket, Key=key, Body=data, **kwargs)
-
-    def get(self, key: str, **kwargs) -> bytes:
-        return self.s3.get_object(Bucket=self.bucket, Key=key, **kwargs)["Body"].read()
-
-    def stored(self, prefix: str = "") -> dict[str, int]:
-        """Keys and sizes in the real bucket in moto."""
-        return stored_objects(self.m, self.bucket, prefix)
-
     def raw(self, key: str) -> bytes:
         return self.m.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-
-    def meta(self, key: str) -> dict[str, str]:
-        return stored_meta(self.m, self.bucket, key)
 
     def read_back(self, key: str, data: bytes, tag: Optional[str] = None) -> None:
         """GET and HEAD through dgproxy: byte-exact, right length, one ETag."""

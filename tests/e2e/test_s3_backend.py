@@ -261,7 +261,26 @@ def list_all(client, bucket: str, **kwargs) -> list[dict]:
     return out
 
 
-class S3BackendCase(ClassFixture, unittest.TestCase):
+class ThroughAndBehind:
+    """Shorthands for a case with dgproxy's client in C{s3} and a client
+    straight to the S3 service behind it in C{direct}: write and read
+    through dgproxy, look at what the service holds."""
+
+    def put(self, key: str, data: bytes, **kwargs) -> dict:
+        return self.s3.put_object(Bucket=self.bucket, Key=key, Body=data, **kwargs)
+
+    def get(self, key: str, **kwargs) -> bytes:
+        return self.s3.get_object(Bucket=self.bucket, Key=key, **kwargs)["Body"].read()
+
+    def stored(self, prefix: str = "") -> dict[str, int]:
+        """Keys and sizes in the real bucket."""
+        return stored_objects(self.direct, self.bucket, prefix)
+
+    def meta(self, key: str) -> dict[str, str]:
+        return stored_meta(self.direct, self.bucket, key)
+
+
+class S3BackendCase(ThroughAndBehind, ClassFixture, unittest.TestCase):
     """One SeaweedFS + one dgproxy using it as its only backend (DGP_S3_*)."""
 
     weed: Optional[WeedServer] = None
@@ -277,21 +296,8 @@ class S3BackendCase(ClassFixture, unittest.TestCase):
         cls.proxy = ProxyProcess(env={**cls.weed.backend_env(), **cls.proxy_env})
         cls.proxy.start()
         cls.s3 = cls.proxy.client()
-        cls.w = cls.weed.client()
+        cls.w = cls.direct = cls.weed.client()
         cls.s3.create_bucket(Bucket=cls.bucket)
-
-
-    def put(self, key: str, data: bytes, **kwargs) -> dict:
-        return self.s3.put_object(Bucket=self.bucket, Key=key, Body=data, **kwargs)
-
-    def get(self, key: str, **kwargs) -> bytes:
-        return self.s3.get_object(Bucket=self.bucket, Key=key, **kwargs)["Body"].read()
-
-    def stored(self, prefix: str = "") -> dict[str, int]:
-        return stored_objects(self.w, self.bucket, prefix)
-
-    def meta(self, key: str) -> dict[str, str]:
-        return stored_meta(self.w, self.bucket, key)
 
 
 # -- the tests ---------------------------------------------------------------------------------
