@@ -36,6 +36,11 @@ RESPONSE_OVERRIDES = {
     "response-content-encoding": "Content-Encoding",
 }
 XML = [("Content-Type", "application/xml")]
+# The standard headers S3 keeps with an object and sends back on GET and HEAD.
+# dgproxy keeps them among the object's metadata under these internal names
+# (hidden from x-amz-meta-*, like every dg- key).
+KEPT_HEADERS = {f"dg-h-{name.lower()}": name for name in (
+    "Cache-Control", "Content-Disposition", "Content-Encoding", "Content-Language", "Expires")}
 
 
 class Operations:
@@ -92,6 +97,8 @@ class Operations:
         for k, v in sorted(meta.user_metadata.items()):
             if not k.startswith("dg-"):
                 headers.append((f"x-amz-meta-{k}", v))
+            elif k in KEPT_HEADERS:
+                headers.append((KEPT_HEADERS[k], v))
         return headers
 
     # -- service and buckets ------------------------------------------------------
@@ -225,6 +232,8 @@ class Operations:
 
     @staticmethod
     def _user_metadata(call: S3Call) -> dict[str, str]:
+        """The client's C{x-amz-meta-*}, and the standard headers S3 keeps
+        with an object (L{KEPT_HEADERS}), from a request that creates one."""
         meta = {}
         total = 0
         for name, values in call.request.header_map().items():
@@ -233,6 +242,14 @@ class Operations:
                 v = ",".join(values)
                 total += len(k) + len(v)
                 meta[k] = v
+        for k, name in KEPT_HEADERS.items():
+            value = call.header(name)
+            if name == "Content-Encoding" and value is not None:
+                # aws-chunked frames the upload (auth/payload.py undoes it); S3 drops it.
+                value = ",".join(c.strip() for c in value.split(",")
+                                 if c.strip() and c.strip().lower() != "aws-chunked")
+            if value:
+                meta[k] = value
         if total > MAX_USER_METADATA:
             raise errors.S3Error("MetadataTooLarge", 400,
                                  "Your metadata headers exceed the maximum allowed metadata size.")

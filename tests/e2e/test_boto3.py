@@ -8,6 +8,7 @@ use and stopped at interpreter exit; every test works in its own bucket.
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import http.client
 import os
@@ -219,6 +220,48 @@ class ObjectTests(S3Case):
         head = self.s3.head_object(Bucket=bucket, Key="doc.json")
         self.assertEqual(head["Metadata"], {})
         self.assertEqual(head["ContentType"], "application/octet-stream")
+
+    def test_standard_headers_are_kept_with_the_object(self):
+        """Cache-Control, Content-Disposition, Content-Encoding, Content-Language
+        and Expires come back on GET and HEAD, as S3 keeps them; CopyObject
+        keeps them (COPY) or takes the request's (REPLACE); none of them shows
+        up as metadata."""
+        bucket = self.new_bucket()
+        kept = dict(CacheControl="max-age=3600, public",
+                    ContentDisposition='attachment; filename="notes 2024.txt"',
+                    ContentEncoding="gzip", ContentLanguage="fr-CA",
+                    Expires=datetime(2031, 5, 6, 7, 8, 9, tzinfo=timezone.utc))
+        body = gzip.compress(b"bonjour " * 100)
+        self.s3.put_object(Bucket=bucket, Key="notes.txt", Body=body, Metadata={"k": "v"}, **kept)
+
+        def check(got, expected):
+            for name, value in expected.items():
+                self.assertEqual(got.get(name), value, name)
+            self.assertEqual(got["Metadata"], {"k": "v"})
+
+        check(self.s3.head_object(Bucket=bucket, Key="notes.txt"), kept)
+        got = self.s3.get_object(Bucket=bucket, Key="notes.txt")
+        check(got, kept)
+        self.assertEqual(got["Body"].read(), body)  # stored as sent, not decoded
+        # A query override still wins for its request.
+        self.assertEqual(self.s3.get_object(Bucket=bucket, Key="notes.txt",
+                                            ResponseCacheControl="no-store")["CacheControl"],
+                         "no-store")
+        self.s3.copy_object(Bucket=bucket, Key="copy.txt",
+                            CopySource={"Bucket": bucket, "Key": "notes.txt"})
+        check(self.s3.head_object(Bucket=bucket, Key="copy.txt"), kept)
+        self.s3.copy_object(Bucket=bucket, Key="plain.txt", MetadataDirective="REPLACE",
+                            CopySource={"Bucket": bucket, "Key": "notes.txt"},
+                            Metadata={"k": "v"}, CacheControl="no-cache")
+        head = self.s3.head_object(Bucket=bucket, Key="plain.txt")
+        check(head, {"CacheControl": "no-cache"})
+        for name in ("ContentDisposition", "ContentEncoding", "ContentLanguage", "Expires"):
+            self.assertNotIn(name, head)
+        # An overwrite without them drops them.
+        self.s3.put_object(Bucket=bucket, Key="notes.txt", Body=b"plain", Metadata={"k": "v"})
+        head = self.s3.head_object(Bucket=bucket, Key="notes.txt")
+        self.assertNotIn("CacheControl", head)
+        self.assertNotIn("ContentEncoding", head)
 
     def test_metadata_wire_case(self):
         """The x-amz-meta-* names on the wire are lowercase, as S3 sends them."""

@@ -757,12 +757,14 @@ class ProtocolTests(MultipartCase):
         bucket = self.new_bucket()
         key = "meta.dat"
         upload_id = self.create(bucket, key, ContentType="text/csv",
-                                Metadata={"owner": "ops", "run": "42"})
+                                Metadata={"owner": "ops", "run": "42"},
+                                CacheControl="no-cache", ContentDisposition="inline")
         e = self.part(bucket, key, upload_id, 1, b"a,b\n1,2\n")
         self.complete(bucket, key, upload_id, [(1, e)])
         head = self.s3.head_object(Bucket=bucket, Key=key)
         self.assertEqual(head["ContentType"], "text/csv")
         self.assertEqual(head["Metadata"], {"owner": "ops", "run": "42"})
+        self.assertEqual((head["CacheControl"], head["ContentDisposition"]), ("no-cache", "inline"))
 
     def test_list_parts_paging(self):
         bucket = self.new_bucket()

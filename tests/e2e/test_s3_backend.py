@@ -28,6 +28,7 @@ import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from typing import Callable, Optional
 
 from botocore.exceptions import ClientError
@@ -614,6 +615,29 @@ class S3BackendTests(S3BackendCase):
                              (400, "InvalidArgument"), key)
         self.assertEqual(self.stored("res/"), before)
         self.assertEqual(self.get("res/app-2.tar"), tars[1])
+
+    def test_standard_headers_kept_for_deltas_and_passthrough(self):
+        """Cache-Control, Content-Disposition, Content-Encoding, Content-Language
+        and Expires come back through dgproxy for a delta and a passthrough
+        object; upstream they are dgproxy metadata, not the blob's headers
+        (a .delta blob is not the object)."""
+        tars = tar_versions(2, seed=44)
+        kept = dict(CacheControl="max-age=60", ContentDisposition="attachment",
+                    ContentEncoding="identity", ContentLanguage="en",
+                    Expires=datetime(2030, 1, 2, 3, 4, 5, tzinfo=timezone.utc))
+        self.put("hdr/app-1.tar", tars[0])
+        self.put("hdr/app-2.tar", tars[1], **kept)
+        self.put("hdr/readme.dat", b"plain", **kept)
+        self.assertIn("hdr/app-2.tar.delta", self.stored("hdr/"))
+        for key, data in (("hdr/app-2.tar", tars[1]), ("hdr/readme.dat", b"plain")):
+            got = self.s3.get_object(Bucket=self.bucket, Key=key)
+            self.assertEqual(got["Body"].read(), data)
+            head = self.s3.head_object(Bucket=self.bucket, Key=key)
+            for name, value in kept.items():
+                self.assertEqual((got.get(name), head.get(name)), (value, value), (key, name))
+            self.assertEqual(head["Metadata"], {}, key)
+        self.assertNotIn("CacheControl", self.s3.head_object(Bucket=self.bucket,
+                                                             Key="hdr/app-1.tar"))
 
     def test_tar_series_layout_and_metadata(self):
         tars = tar_versions(4, seed=12)
