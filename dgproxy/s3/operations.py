@@ -193,8 +193,9 @@ class Operations:
         if url:
             parts.append(xmlio.el("EncodingType", "url"))
         parts.append(xmlio.el("IsTruncated", "true" if page.truncated else "false"))
+        owner = not v2 or q.get("fetch-owner") == "true"  # as S3 answers
         for key, v in page.objects:
-            parts.append(xmlio.contents(key, v.last_modified, v.etag, v.size, url))
+            parts.append(xmlio.contents(key, v.last_modified, v.etag, v.size, url, owner))
         parts.append(xmlio.common_prefixes(page.prefixes, url))
         return Response(200, list(XML), xmlio.document("ListBucketResult", "".join(parts)))
 
@@ -399,6 +400,7 @@ class Operations:
             user_meta = dict(source_version.metadata.user_metadata)
         if not await self.store.backend.bucket_exists(call.bucket):
             raise errors.NoSuchBucket(BucketName=call.bucket)
+        await self.check_write_conditions(call)
         source = await self.store.open(src_bucket, source_version)
         if source is None:
             raise errors.NoSuchKey(Key=src_key)

@@ -45,10 +45,13 @@ def list_buckets(buckets: Iterable[tuple[str, datetime]]) -> bytes:
     return document("ListAllMyBucketsResult", f"{OWNER}<Buckets>{items}</Buckets>")
 
 
-def contents(key: str, last_modified: datetime, etag: str, size: int, url: bool) -> str:
+def contents(key: str, last_modified: datetime, etag: str, size: int, url: bool,
+             owner: bool = False) -> str:
+    """One listed object; with C{owner} (ListObjects v1, or v2's fetch-owner) its Owner."""
     return ("<Contents>" + el("Key", encode_name(key, url)) +
             el("LastModified", iso8601(last_modified)) + el("ETag", etag) +
-            el("Size", size) + "<StorageClass>STANDARD</StorageClass></Contents>")
+            el("Size", size) + "<StorageClass>STANDARD</StorageClass>" +
+            (OWNER if owner else "") + "</Contents>")
 
 
 def common_prefixes(prefixes: Iterable[str], url: bool) -> str:

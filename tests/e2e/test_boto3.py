@@ -472,6 +472,12 @@ class ObjectTests(S3Case):
         self.s3.copy_object(Bucket=bucket, Key="x", CopySourceIfMatch=md5_etag(body),
                             CopySource={"Bucket": bucket, "Key": "replaced"})
         self.assertEqual(self.s3.get_object(Bucket=bucket, Key="x")["Body"].read(), body)
+        # Conditions on the destination, as for a PUT: create-only copies.
+        self.expect_error(412, "PreconditionFailed", self.s3.copy_object, Bucket=bucket,
+                          Key="x", IfNoneMatch="*",
+                          CopySource={"Bucket": bucket, "Key": "src/a.bin"})
+        self.s3.copy_object(Bucket=bucket, Key="fresh", IfNoneMatch="*",
+                            CopySource={"Bucket": bucket, "Key": "src/a.bin"})
 
     def test_copy_special_keys(self):
         bucket = self.new_bucket()
@@ -731,6 +737,11 @@ class ListingTests(S3Case):
             self.assertLess(pages, 10)
         self.assertEqual(collected, expected)
         self.assertEqual(pages, 4)
+        # v1 lists each object's Owner; v2 only when asked (FetchOwner).
+        self.assertIn("Owner", self.s3.list_objects(Bucket=bucket)["Contents"][0])
+        self.assertNotIn("Owner", self.s3.list_objects_v2(Bucket=bucket)["Contents"][0])
+        self.assertEqual(self.s3.list_objects_v2(Bucket=bucket, FetchOwner=True)["Contents"][0]
+                         ["Owner"], {"ID": "dgproxy", "DisplayName": "dgproxy"})
 
         # With a delimiter S3 must send NextMarker; paging by it never repeats a prefix.
         self.fill(bucket, ["o/1", "o/2", "p"])
