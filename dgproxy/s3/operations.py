@@ -251,6 +251,7 @@ class Operations:
                                  if c.strip() and c.strip().lower() != "aws-chunked")
             if value:
                 meta[k] = value
+                total += len(name) + len(value)  # they share the budget: all of it fits an xattr
         if total > MAX_USER_METADATA:
             raise errors.S3Error("MetadataTooLarge", 400,
                                  "Your metadata headers exceed the maximum allowed metadata size.")

@@ -880,3 +880,46 @@ class RangeFuzzTests(HostileBase):
         check()
         self.assertGreaterEqual(len(calls), 30)
         self.assertAlive()
+
+
+class KeptHeaderFuzzTests(HostileBase):
+    """The standard headers dgproxy keeps with an object (Cache-Control and
+    the like) come from the client: any value is stored and sent back or
+    refused with a 4xx, and a refused one leaves nothing behind."""
+
+    def test_kept_headers_never_5xx(self):
+        calls = []
+        # Latin-1 text without CR, LF or NUL (http.client refuses those).
+        value_text = st.text(st.characters(min_codepoint=1, max_codepoint=255,
+                                           blacklist_characters="\r\n"), max_size=3000)
+
+        @settings(max_examples=40, deadline=None, database=None, report_multiple_bugs=False,
+                  phases=[Phase.explicit, Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @given(name=st.sampled_from(["Cache-Control", "Content-Disposition", "Content-Encoding",
+                                     "Content-Language", "Expires"]),
+               value=value_text, key=st.sampled_from(["h/plain.txt", "h/a.zip"]))
+        @example(name="Content-Disposition", value="x" * 3000, key="h/plain.txt")
+        @example(name="Cache-Control", value="caf\xe9 \x01\x7f", key="h/a.zip")
+        @example(name="Content-Encoding", value="aws-chunked", key="h/plain.txt")
+        def check(name, value, key):
+            calls.append(value)
+            path = f"/{BUCKET}/{key}"
+            r = request(self.proxy, "PUT", path, b"body bytes", headers={name: value})
+            self.assertLess(r.status, 500, (name, value, r))
+            if r.status != 200:
+                self.assertEqual(r.status, 400, r)
+                return
+            got = request(self.proxy, "GET", path)
+            self.assertEqual((got.status, got.body), (200, b"body bytes"))
+            stored = value.strip(" \t")
+            if name == "Content-Encoding":
+                stored = ",".join(c.strip() for c in stored.split(",")
+                                  if c.strip() and c.strip().lower() != "aws-chunked")
+            self.assertEqual(got.headers.get(name.lower(), ""), stored, (name, value))
+
+        check()
+        self.assertGreater(len(calls), 10)
+        self.assertAlive()
+        self.assertNoTempFiles()
+        self.assertNoLeakedFds()
