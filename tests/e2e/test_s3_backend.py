@@ -32,12 +32,17 @@ from datetime import datetime, timezone
 from typing import Callable, Optional
 
 from botocore.exceptions import ClientError
+from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import strategies as st
 from twisted.trial import unittest
 
+from dgproxy.s3.conditions import parse_range
+from dgproxy.s3.errors import S3Error
 from tests.e2e import seaweed as seaweed_module
 from tests.e2e.artifacts import make_tar
 from tests.e2e.harness import ProxyProcess
 from tests.e2e.seaweed import Seaweed, _free_weed_ports
+from tests.e2e.test_hostile import RANGES, request
 
 EMPTY_MD5 = "d41d8cd98f00b204e9800998ecf8427e"
 CREATED_AT = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -883,6 +888,51 @@ class S3BackendTests(S3BackendCase):
         self.assertEqual(seen, expected)
         self.assertEqual(pages, 11)
         self.assertLessEqual(lists, 2 * pages, f"{lists} upstream LISTs for {pages} pages")
+
+    def test_any_range_gets_what_s3_range_rules_say(self):
+        """Ranges go upstream re-spelled, and SeaweedFS resolves them: whatever
+        a client sends, the answer is the one dgproxy's own range rules give
+        (206 with those bytes, 416, or the whole object), for a passthrough
+        object, an empty one and a delta."""
+        data = random_bytes(1000, seed=61)
+        tars = tar_versions(2, seed=62)
+        bodies = {"fz/plain.dat": data, "fz/empty.dat": b"", "fz/app-2.tar": tars[1]}
+        self.put("fz/app-1.tar", tars[0])
+        for key, body in bodies.items():
+            self.put(key, body)
+        self.assertIn("fz/app-2.tar.delta", self.stored("fz/"))
+        calls = []
+
+        @settings(max_examples=60, deadline=None, database=None, report_multiple_bugs=False,
+                  phases=[Phase.explicit, Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @given(value=RANGES, key=st.sampled_from(sorted(bodies)))
+        @example(value="bytes=-0", key="fz/plain.dat")
+        @example(value="bytes=0-", key="fz/empty.dat")
+        @example(value="bytes=1000-", key="fz/plain.dat")
+        @example(value="bytes=18446744073709551616-", key="fz/plain.dat")
+        @example(value=" bytes = 5 - 9 ", key="fz/plain.dat")
+        def check(value, key):
+            calls.append(value)
+            body = bodies[key]
+            try:
+                span = parse_range(value, len(body))
+            except S3Error:
+                span = "416"
+            r = request(self.proxy, "GET", f"/{self.bucket}/{key}", extra={"Range": value},
+                        timeout=10)
+            if span == "416":
+                self.assertEqual(r.status, 416, (value, key, r))
+            elif span is None:
+                self.assertEqual((r.status, r.body), (200, body), (value, key))
+            else:
+                self.assertEqual(r.status, 206, (value, key, r))
+                self.assertEqual(r.headers.get("content-range"),
+                                 f"bytes {span[0]}-{span[1]}/{len(body)}", (value, key))
+                self.assertEqual(r.body, body[span[0]:span[1] + 1], (value, key))
+
+        check()
+        self.assertGreaterEqual(len(calls), 30)
 
     def test_reads_of_a_plain_name_cost_one_upstream_request(self):
         """SeaweedFS's own request counters: a GET, ranged GET or HEAD of a
