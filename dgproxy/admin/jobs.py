@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from typing import Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -21,7 +22,7 @@ MAX_BUCKETS = 100
 MIN_RATE = 64 * 1024  # bytes per second; below it a job would crawl for days by a slip of units
 
 
-def parse_start_request(body: bytes) -> tuple[list, object]:
+def parse_start_request(body: bytes) -> tuple[list[str], Optional[float]]:
     """(buckets, max_bytes_per_second) from a POST body, or ValueError naming the fault."""
     try:
         doc = json.loads(body or b"{}")

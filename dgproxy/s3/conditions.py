@@ -68,9 +68,9 @@ def check_read(header: Callable[[str], Optional[str]], etag: str,
 
 def check_write(header: Callable[[str], Optional[str]], current_etag: Optional[str],
                 key: str = "") -> None:
-    """Conditional write (PUT, CompleteMultipartUpload): C{If-None-Match: *}
-    and C{If-Match: <etag>}. As on AWS, If-Match on a key with no object is
-    404 NoSuchKey, not 412."""
+    """Conditional write (PUT, CompleteMultipartUpload, CopyObject):
+    C{If-None-Match: *} and C{If-Match: <etag>}. As on AWS, If-Match on a
+    key with no object is 404 NoSuchKey, not 412."""
     if_none = header("if-none-match")
     if if_none is not None and current_etag is not None and _etag_matches(if_none, current_etag):
         raise errors.PreconditionFailed(Condition="If-None-Match")

@@ -445,10 +445,12 @@ class EncryptingBackend:
         marker = meta.user_metadata.get(MARKER) if meta is not None else None
         try:
             if byte_range is not None:
-                span = byte_range.resolve(stored.size) if marker is None else None
-                if marker is None and (raw is None or (span[0] > 0 and not self._sniff_ranges)):
-                    return stored, raw
-                if marker is not None or span[0] > 0:
+                if marker is None and raw is None:
+                    return stored, None  # the range does not resolve
+                from_start = marker is None and byte_range.resolve(stored.size)[0] == 0
+                if marker is None and not from_start and not self._sniff_ranges:
+                    return stored, raw  # stored as it is: nothing to decrypt or sniff
+                if not from_start:
                     # A range of the plaintext, or a sniff for a lost marker
                     # (it needs the first bytes): the general path.
                     if raw is not None:
@@ -456,6 +458,7 @@ class EncryptingBackend:
                         raw = None
                     return await open_span(self, bucket, key, stored, byte_range,
                                            stored.size if marker is None else blob_size(meta))
+                # From byte 0: checked for a lost marker below, as a whole read is.
             if marker is None:
                 first = await _peek(raw)
                 if first[:4] == MAGIC:
