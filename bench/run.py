@@ -654,6 +654,55 @@ def listing_run(dg: Server, weed: Server, bucket: str) -> dict:
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+RANGE_ROUNDS = 4
+RANGE_SMALL, RANGE_SMALL_COUNT = 64 * 1024, 200  # small ranges at spread offsets, per round
+RANGE_PART = 8 * MiB  # the part size the aws CLI downloads large objects in
+
+
+def ranged_run(servers: list[Server], buckets: dict, path: str, md5: str) -> dict:
+    """One 64 MiB object per server, read in ranges, rounds alternating: a
+    whole read in 8 MiB parts (as the aws CLI downloads), its MD5 checked,
+    and RANGE_SMALL_COUNT 64 KiB ranges. Returns (server, kind) -> median
+    GETs per second."""
+    size = os.path.getsize(path)
+    clients = {s.name: s.client() for s in servers}
+    for s in servers:
+        r = _call(s, "PUT", "ranged.dat", clients[s.name].put_file, buckets[s.name], "ranged.dat",
+                  path)
+        if r.etag != md5:
+            raise RuntimeError(f"{s.name} PUT ranged.dat: ETag {r.etag} != MD5 {md5}")
+    parts = [(first, min(first + RANGE_PART, size) - 1) for first in range(0, size, RANGE_PART)]
+    rates: dict = {}
+    for rnd in range(RANGE_ROUNDS):
+        for s in (servers if rnd % 2 == 0 else servers[::-1]):
+            c, bucket = clients[s.name], buckets[s.name]
+            started = time.perf_counter()
+            for span in parts:
+                r = c.get(bucket, "ranged.dat", byte_range=span)
+                if r.nbytes != span[1] - span[0] + 1:
+                    raise RuntimeError(f"{s.name}: range {span} gave {r.nbytes} bytes")
+            elapsed = time.perf_counter() - started
+            rates.setdefault((s.name, "part"), []).append(len(parts) / elapsed)
+            started = time.perf_counter()
+            for i in range(RANGE_SMALL_COUNT):
+                first = (i * 7919 * RANGE_SMALL) % (size - RANGE_SMALL)
+                r = c.get(bucket, "ranged.dat", byte_range=(first, first + RANGE_SMALL - 1))
+                if r.nbytes != RANGE_SMALL:
+                    raise RuntimeError(f"{s.name}: a 64 KiB range gave {r.nbytes} bytes")
+            rates.setdefault((s.name, "small"), []).append(
+                RANGE_SMALL_COUNT / (time.perf_counter() - started))
+    for s in servers:  # untimed: the parts put together are the object
+        digest = hashlib.md5()
+        for span in parts:
+            clients[s.name].get(buckets[s.name], "ranged.dat", sink=digest.update, byte_range=span)
+        if digest.hexdigest() != md5:
+            raise RuntimeError(f"{s.name}: ranged reads of ranged.dat have another MD5")
+        _call(s, "DELETE", "ranged.dat", clients[s.name].delete_object, buckets[s.name],
+              "ranged.dat")
+        clients[s.name].close()
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
 # -- section 2: the release-tarball corpus ---------------------------------------------
 
 @dataclass
@@ -1651,6 +1700,8 @@ def run(workdir: str) -> int:
             delete_passthrough(pair5, clients, buckets5, "s3obj")
             list5 = listing_run(dgs3, weed, s3_bucket)
             log(f"  listing: {LIST_KEYS} keys x{LIST_ROUNDS} rounds per server, keys verified")
+            ranged5 = ranged_run(pair5, buckets5, *sources[64 * MiB])
+            log(f"  ranged reads: x{RANGE_ROUNDS} rounds per server, 8 MiB parts' MD5 verified")
             corpus_s3: Optional[CorpusRun] = None
             if not corpus and 2 not in SECTIONS:
                 corpus, why = prepare_corpus()
@@ -1675,6 +1726,13 @@ def run(workdir: str) -> int:
                 log(f"  LIST {LIST_KEYS} keys, 1000 per page (median of {LIST_ROUNDS}): dgproxy-s3 "
                     f"{d:.2f}s ({LIST_KEYS / d:.0f} keys/s), SeaweedFS directly {w:.2f}s "
                     f"({LIST_KEYS / w:.0f} keys/s), ratio {w / d:.2f}   [informational]")
+                for kind, what in (("part", "8 MiB ranges (a 64 MiB object read as the aws CLI "
+                                            "downloads)"),
+                                   ("small", f"{RANGE_SMALL_COUNT} ranges of 64 KiB")):
+                    d, w = ranged5[(dgs3.name, kind)], ranged5[(weed.name, kind)]
+                    log(f"  ranged GET, {what} (median of {RANGE_ROUNDS}): dgproxy-s3 "
+                        f"{d:.0f} GETs/s, SeaweedFS directly {w:.0f} GETs/s, ratio {d / w:.2f}"
+                        "   [informational]")
                 if corpus_s3 is None:
                     log(f"  delta corpus: skipped: {why}")
                     return

@@ -279,13 +279,16 @@ class S3Client:
         return Result(t1 - t0, len(data), etag=(resp.getheader("ETag") or "").strip('"'))
 
     def get(self, bucket: str, key: str, md5: bool = False,
-            sink: Optional[Callable[[memoryview], None]] = None) -> Result:
-        """GET the object, reading 1 MiB at a time and discarding it.
+            sink: Optional[Callable[[memoryview], None]] = None,
+            byte_range: Optional[tuple[int, int]] = None) -> Result:
+        """GET the object (or bytes C{first}-C{last} of it, a 206), reading
+        1 MiB at a time and discarding it.
 
         With C{md5=True} the bytes are also fed to an incremental MD5, and
         with C{sink} to that callable (that cost is then inside the timing)."""
         path = self.path(bucket, key)
-        headers = self._signed_headers("GET", path)
+        extra = None if byte_range is None else {"Range": "bytes=%d-%d" % byte_range}
+        headers = self._signed_headers("GET", path, extra)
         self._connection()
         view = memoryview(self._buf)
         digest = hashlib.md5() if md5 else None
@@ -293,7 +296,7 @@ class S3Client:
         t0 = time.perf_counter()
         try:
             resp = self._start("GET", path, headers).getresponse()
-            if resp.status != 200:
+            if resp.status != (200 if byte_range is None else 206):
                 body = resp.read()
                 self._finish(resp)
                 raise S3RequestError("GET", path, resp.status, body)
