@@ -97,6 +97,45 @@ def multipart_etag(md5s: list[str], count: int) -> str:
     return f'"{digest}-{count}"'
 
 
+# The part sizes of an object completed from parts, kept among its metadata so
+# that GET ?partNumber=N (how some SDKs download) can serve each part:
+# runs of equal sizes, "8388608*12,1048576". Longer than PARTS_TEXT_LIMIT
+# (thousands of sizes all different) it is not kept.
+PARTS_KEY = "dg-parts"
+PARTS_TEXT_LIMIT = 256
+
+
+def parts_text(sizes: list[int]) -> Optional[str]:
+    runs: list[list[int]] = []
+    for size in sizes:
+        if runs and runs[-1][0] == size:
+            runs[-1][1] += 1
+        else:
+            runs.append([size, 1])
+    text = ",".join(str(size) if n == 1 else f"{size}*{n}" for size, n in runs)
+    return text if len(text) <= PARTS_TEXT_LIMIT else None
+
+
+def part_spans(text: Optional[str], total: int) -> Optional[list[tuple[int, int]]]:
+    """(first, last) byte of each part, from L{parts_text}'s form; None when
+    there is none, or it does not add up to C{total} bytes."""
+    if not text or len(text) > PARTS_TEXT_LIMIT:
+        return None
+    spans, at = [], 0
+    try:
+        for run in text.split(","):
+            size, _, count = run.partition("*")
+            size, count = int(size), int(count or 1)
+            if size < 0 or not 1 <= count <= MAX_PARTS - len(spans):
+                return None
+            for _ in range(count):
+                spans.append((at, at + size - 1))
+                at += size
+    except ValueError:
+        return None
+    return spans if at == total else None
+
+
 def _upload_dir(upload_id: str) -> str:
     return f"{ROOT}{upload_id}/"
 
@@ -296,8 +335,12 @@ class Multipart:
         etag = multipart_etag([p.md5 for p in chosen], len(chosen))
         body = _ConcatSource(self.backend, bucket,
                              [_part_key(upload_id, p.number) for p in chosen])
+        user_metadata = dict(upload.user_metadata)
+        sizes = parts_text([p.size for p in chosen])
+        if sizes is not None:
+            user_metadata[PARTS_KEY] = sizes
         await self.store.put(bucket, key, body, content_type=upload.content_type,
-                                    user_metadata=upload.user_metadata, multipart_etag=etag,
+                                    user_metadata=user_metadata, multipart_etag=etag,
                                     size_hint=sum(p.size for p in chosen),
                                     max_size=MAX_OBJECT_SIZE)
         await self._write_blob(bucket, f"{COMPLETED}{upload_id}.json",

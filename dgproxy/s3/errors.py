@@ -64,6 +64,7 @@ XAmzContentSHA256Mismatch = _factory(
     "XAmzContentSHA256Mismatch", 400,
     "The provided 'x-amz-content-sha256' header does not match what was computed.")
 InvalidRange = _factory("InvalidRange", 416, "The requested range is not satisfiable")
+InvalidPartNumber = _factory("InvalidPartNumber", 416, "The requested partnumber is not satisfiable")
 PreconditionFailed = _factory(
     "PreconditionFailed", 412, "At least one of the pre-conditions you specified did not hold")
 MethodNotAllowed = _factory(

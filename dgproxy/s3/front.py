@@ -172,8 +172,8 @@ class S3Front:
             if method in table:
                 return table[method]
             raise errors.MethodNotAllowed()
-        if "partNumber" in q:
-            raise not_implemented("GetObjectPart")
+        if "partNumber" in q and method not in ("GET", "HEAD"):
+            raise not_implemented("UploadPart without an uploadId")
         if method == "PUT":
             return ops.copy_object if call.header("x-amz-copy-source") else ops.put_object
         table = {"GET": ops.get_object, "HEAD": ops.head_object, "DELETE": ops.delete_object}

@@ -15,6 +15,7 @@ from typing import Optional
 from urllib.parse import unquote
 
 from dgproxy.auth.payload import wrap_body
+from dgproxy.engine import multipart as mp
 from dgproxy.engine.store import BodyTooLarge, ChecksumMismatch, ObjectStore, ObjectVersion
 from dgproxy.s3 import conditions, errors, listing, xmlio
 from dgproxy.s3.call import Response, S3Call
@@ -238,7 +239,9 @@ class Operations:
         meta = {}
         total = 0
         for name, values in call.request.header_map().items():
-            if name.startswith("x-amz-meta-"):
+            if name.startswith("x-amz-meta-") and not name.startswith("x-amz-meta-dg-"):
+                # (dg- names are dgproxy's own, hidden on the way out: a client
+                # cannot set them, as the Rust proxy hides them too.)
                 k = name[len("x-amz-meta-"):]
                 v = ",".join(values)
                 total += len(k) + len(v)
@@ -305,7 +308,11 @@ class Operations:
     async def get_object(self, call: S3Call) -> Response:
         check_key(call.key, ingest=False)
         source = None
-        if call.method == "GET":
+        part = call.query.get("partNumber")
+        if part is not None and call.header("range") is not None:
+            raise errors.InvalidRequest("Cannot specify both Range header and partNumber query "
+                                        "parameter")
+        if call.method == "GET" and part is None:
             # The range goes down as it is: on an S3 backend one ranged GET
             # brings the bytes and the metadata together.
             got = await self.store.get(call.bucket, call.key, ByteRange.parse(call.header("range")))
@@ -323,7 +330,12 @@ class Operations:
                     headers = [(h, v) for h, v in headers if h.lower() != header.lower()]
                     headers.append((header, call.query[param]))
             size = version.size
-            span = conditions.parse_range(call.header("range"), size)
+            if part is None:
+                span = conditions.parse_range(call.header("range"), size)
+            else:
+                span, count = _part_span(part, version)
+                if count is not None:
+                    headers.append(("x-amz-mp-parts-count", str(count)))
         except conditions.NotModified:
             if source is not None:
                 source.close()
@@ -398,7 +410,9 @@ class Operations:
                     "itself without changing the object's metadata, storage class, website "
                     "redirect location or encryption attributes.")
             content_type = source_version.metadata.content_type
-            user_meta = dict(source_version.metadata.user_metadata)
+            # A copy is stored whole: it has no parts of its own.
+            user_meta = {k: v for k, v in source_version.metadata.user_metadata.items()
+                         if k != mp.PARTS_KEY}
         if not await self.store.backend.bucket_exists(call.bucket):
             raise errors.NoSuchBucket(BucketName=call.bucket)
         await self.check_write_conditions(call)
@@ -430,3 +444,24 @@ def _parse_copy_source(value: str) -> tuple[str, str]:
     return bucket, key
 
 
+def _part_span(number: str,
+               version: ObjectVersion) -> tuple[Optional[tuple[int, int]], Optional[int]]:
+    """(span, parts count) of GET or HEAD ?partNumber=N: part N of an object
+    completed from parts, whose sizes it keeps; any other object is its own
+    single part 1 (and gets no parts count, so a client reads it whole)."""
+    try:
+        n = int(number)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= mp.MAX_PARTS:
+        raise errors.InvalidArgument("Part number must be an integer between 1 and 10000, "
+                                     "inclusive")
+    spans = mp.part_spans(version.metadata.user_metadata.get(mp.PARTS_KEY), version.size)
+    if spans is None:
+        spans, count = [(0, version.size - 1)], None
+    else:
+        count = len(spans)
+    if n > len(spans):
+        raise errors.InvalidPartNumber()
+    first, last = spans[n - 1]
+    return ((first, last) if last >= first else None), count

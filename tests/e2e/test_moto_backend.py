@@ -289,6 +289,10 @@ class MotoBackendTests(MotoBackendCase):
         got = self.s3.get_object(Bucket=self.bucket, Key="mp/disk.dat",
                                  Range=f"bytes={5 * MiB - 100}-{5 * MiB + 99}")
         self.assertTrue(got["Body"].read() == data[5 * MiB - 100:5 * MiB + 100])
+        for n, body in enumerate(parts, 1):  # as SDKs that download by part ask
+            got = self.s3.get_object(Bucket=self.bucket, Key="mp/disk.dat", PartNumber=n)
+            self.assertEqual(got["PartsCount"], 2)
+            self.assertTrue(got["Body"].read() == body, n)
 
         self.assertEqual(self.stored("mp/"), {"mp/disk.dat": len(data)})
         head = self.m.head_object(Bucket=self.bucket, Key="mp/disk.dat")

@@ -740,6 +740,46 @@ class ProtocolTests(MultipartCase):
                                                 MultipartUpload=done, IfMatch=old)
         self.assertObject(bucket, key, b"".join(parts), got["ETag"])
 
+    def test_get_and_head_by_part_number(self):
+        """GET/HEAD ?partNumber=N, as the SDKs that download by part use it: part
+        N's bytes (206, Content-Range) and the parts count, for a plain and a
+        delta-candidate name; an object put whole is its own single part 1
+        (no parts count); a copy of a multipart object too."""
+        bucket = self.new_bucket()
+        rng = random.Random(77)
+        parts = [rng.randbytes(MIN_PART), rng.randbytes(MIN_PART), rng.randbytes(1000)]
+        whole = b"".join(parts)
+        for key in ("byparts.dat", "byparts.zip"):
+            upload_id = self.create(bucket, key)
+            etags = [self.part(bucket, key, upload_id, n, p) for n, p in enumerate(parts, 1)]
+            tag = self.complete(bucket, key, upload_id, list(enumerate(etags, 1)))["ETag"]
+            at = 0
+            for n, body in enumerate(parts, 1):
+                got = self.s3.get_object(Bucket=bucket, Key=key, PartNumber=n)
+                self.assertEqual(got["ResponseMetadata"]["HTTPStatusCode"], 206, (key, n))
+                self.assertEqual(got["Body"].read(), body, (key, n))
+                self.assertEqual((got["PartsCount"], got["ETag"]), (3, tag), (key, n))
+                self.assertEqual(got["ContentRange"],
+                                 f"bytes {at}-{at + len(body) - 1}/{len(whole)}", (key, n))
+                head = self.s3.head_object(Bucket=bucket, Key=key, PartNumber=n)
+                self.assertEqual((head["ContentLength"], head["PartsCount"]), (len(body), 3))
+                at += len(body)
+            self.assertS3Error("InvalidPartNumber", 416, self.s3.get_object, Bucket=bucket,
+                               Key=key, PartNumber=4)
+            self.assertS3Error("InvalidArgument", 400, self.s3.get_object, Bucket=bucket,
+                               Key=key, PartNumber=10001)
+            self.assertS3Error("InvalidRequest", 400, self.s3.get_object, Bucket=bucket,
+                               Key=key, PartNumber=1, Range="bytes=0-9")
+        self.s3.put_object(Bucket=bucket, Key="single.dat", Body=b"one piece")
+        self.s3.copy_object(Bucket=bucket, Key="copied.dat",
+                            CopySource={"Bucket": bucket, "Key": "byparts.dat"})
+        for key, body in (("single.dat", b"one piece"), ("copied.dat", whole)):
+            got = self.s3.get_object(Bucket=bucket, Key=key, PartNumber=1)
+            self.assertEqual(got["Body"].read(), body, key)
+            self.assertNotIn("PartsCount", got)
+            self.assertS3Error("InvalidPartNumber", 416, self.s3.get_object, Bucket=bucket,
+                               Key=key, PartNumber=2)
+
     def test_same_part_number_twice_keeps_the_last(self):
         bucket = self.new_bucket()
         key = "twice.dat"
