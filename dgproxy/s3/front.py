@@ -38,6 +38,14 @@ UNSUPPORTED = {
     "intelligent-tiering": "BucketIntelligentTiering", "attributes": "GetObjectAttributes",
 }
 
+# Writes that ask for a guarantee dgproxy cannot give (objects that cannot be
+# deleted or overwritten) are refused by name, never stored without it.
+REFUSED_WRITE_HEADERS = {
+    "x-amz-object-lock-mode": "ObjectLock", "x-amz-object-lock-retain-until-date": "ObjectLock",
+    "x-amz-object-lock-legal-hold": "ObjectLegalHold",
+    "x-amz-bucket-object-lock-enabled": "ObjectLock",
+}
+
 
 def not_implemented(operation: str) -> errors.S3Error:
     return errors.S3Error("NotImplemented", 501,
@@ -132,6 +140,10 @@ class S3Front:
         for param, name in UNSUPPORTED.items():
             if param in q:
                 raise not_implemented(name)
+        if method in ("PUT", "POST"):
+            for header, name in REFUSED_WRITE_HEADERS.items():
+                if call.header(header) is not None:
+                    raise not_implemented(name)
         if target.bucket is None:
             if method == "GET":
                 return ops.list_buckets

@@ -926,11 +926,29 @@ class ProtocolTests(S3Case):
             (self.s3.get_bucket_lifecycle_configuration, {"Bucket": bucket}, "Lifecycle"),
             (self.s3.get_bucket_cors, {"Bucket": bucket}, "Cors"),
         ]
+        # Writes that ask for object lock are refused, not stored without it.
+        until = datetime.now(timezone.utc) + timedelta(days=30)
+        cases += [
+            (self.s3.put_object, {"Bucket": bucket, "Key": "k", "Body": b"locked",
+                                  "ObjectLockMode": "COMPLIANCE",
+                                  "ObjectLockRetainUntilDate": until}, "ObjectLock"),
+            (self.s3.put_object, {"Bucket": bucket, "Key": "k", "Body": b"held",
+                                  "ObjectLockLegalHoldStatus": "ON"}, "ObjectLegalHold"),
+            (self.s3.create_multipart_upload, {"Bucket": bucket, "Key": "mp",
+                                               "ObjectLockMode": "GOVERNANCE",
+                                               "ObjectLockRetainUntilDate": until}, "ObjectLock"),
+            (self.s3.copy_object, {"Bucket": bucket, "Key": "c", "CopySource": f"{bucket}/k",
+                                   "ObjectLockLegalHoldStatus": "ON"}, "ObjectLegalHold"),
+            (self.s3.create_bucket, {"Bucket": self.new_bucket(create=False),
+                                     "ObjectLockEnabledForBucket": True}, "ObjectLock"),
+        ]
         for fn, kwargs, name in cases:
             e = self.expect_error(501, "NotImplemented", fn, **kwargs)
             self.assertIn(name, e.response["Error"]["Message"])
         # Nothing happened to the data.
         self.assertEqual(self.s3.get_object(Bucket=bucket, Key="k")["Body"].read(), b"x")
+        self.assertEqual(self.keys(bucket), ["k"])
+        self.assertEqual(self.s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []), [])
 
     def test_response_headers(self):
         bucket = self.new_bucket()
