@@ -457,11 +457,11 @@ class MotoBackendTests(MotoBackendCase):
         against AWS), and so do moto and dgproxy, so that a compare-and-swap
         client can tell "someone changed it" from "it is gone"."""
         tag = etag(b"whatever")
-        self.assertEqual(s3_error(self.m.put_object, Bucket=self.bucket, Key="bug/direct.txt",
+        self.assertEqual(s3_error(self.m.put_object, Bucket=self.bucket, Key="cond/direct.txt",
                                   Body=b"x", IfMatch=tag), (404, "NoSuchKey"), "moto itself")
-        self.assertEqual(s3_error(self.put, "bug/missing.txt", b"x", IfMatch=tag),
+        self.assertEqual(s3_error(self.put, "cond/missing.txt", b"x", IfMatch=tag),
                          (404, "NoSuchKey"))
-        self.assertNotIn("bug/missing.txt", self.stored("bug/"))
+        self.assertNotIn("cond/missing.txt", self.stored("cond/"))
 
     def test_complete_multipart_if_none_match_keeps_existing_object(self):
         """CompleteMultipartUpload with `If-None-Match: *` on a key that
@@ -469,26 +469,26 @@ class MotoBackendTests(MotoBackendCase):
         object (moto's test_multipart_upload__if_none_match__put_object,
         verified against AWS); so do moto and dgproxy."""
         old = b"the original object\n"
-        self.put("bug/mp.dat", old)
+        self.put("cond/mp.dat", old)
         parts = [random_bytes(5 * MiB, seed=30), b"tail"]
-        uid = self.s3.create_multipart_upload(Bucket=self.bucket, Key="bug/mp.dat")["UploadId"]
+        uid = self.s3.create_multipart_upload(Bucket=self.bucket, Key="cond/mp.dat")["UploadId"]
         try:
             done = [{"PartNumber": n, "ETag": self.s3.upload_part(
-                Bucket=self.bucket, Key="bug/mp.dat", UploadId=uid, PartNumber=n,
+                Bucket=self.bucket, Key="cond/mp.dat", UploadId=uid, PartNumber=n,
                 Body=body)["ETag"]} for n, body in enumerate(parts, 1)]
             try:
                 self.s3.complete_multipart_upload(
-                    Bucket=self.bucket, Key="bug/mp.dat", UploadId=uid, IfNoneMatch="*",
+                    Bucket=self.bucket, Key="cond/mp.dat", UploadId=uid, IfNoneMatch="*",
                     MultipartUpload={"Parts": done})
                 code = "none: the Complete succeeded"
             except ClientError as e:
                 code = e.response["Error"]["Code"]
-            now = self.get("bug/mp.dat")
+            now = self.get("cond/mp.dat")
             self.assertEqual((code, len(now), now == old), ("PreconditionFailed", len(old), True),
-                             "(error, size of bug/mp.dat, still the original?)")
+                             "(error, size of cond/mp.dat, still the original?)")
         finally:
             try:
-                self.s3.abort_multipart_upload(Bucket=self.bucket, Key="bug/mp.dat", UploadId=uid)
+                self.s3.abort_multipart_upload(Bucket=self.bucket, Key="cond/mp.dat", UploadId=uid)
             except Exception:
                 pass  # completed after all, or already gone
 
