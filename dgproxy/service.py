@@ -35,6 +35,7 @@ from dgproxy.s3.multipart_ops import MultipartOperations
 from dgproxy.http.site import DGSite
 from dgproxy.s3.front import S3Front
 from dgproxy.s3.operations import Operations
+from dgproxy.storage.credentials import BackendCredentials, CredentialsUnavailable
 from dgproxy.storage.encrypting import EncryptingBackend, KeyRing, derive_key_id, parse_key
 from dgproxy.storage.filesystem import FilesystemBackend, XattrUnsupported
 from dgproxy.storage.interface import StorageError
@@ -185,6 +186,13 @@ def build_backends(config: Config, spool: Spool):
     backends = {}
     lines = []
     rings = []
+    default = config.default_backend_name
+    routes = {}
+    for bucket, policy in config.buckets.items():
+        if policy.backend is not None:
+            target = default if policy.backend == "default" else policy.backend
+            routes[bucket] = (target, policy.alias or bucket)
+    placed = {bucket: routes.get(bucket, (default, bucket)) for bucket in config.buckets}
     for bc in config.backends:
         try:
             ring, native, messages = encryption_for(bc, os.environ)
@@ -205,32 +213,37 @@ def build_backends(config: Config, spool: Spool):
             lines.append(f"Backend '{bc.name}': filesystem at {fs.root} "
                          f"({swept} stale temp file(s) swept)")
         else:
+            try:
+                credentials = BackendCredentials.resolve(bc.access_key_id, bc.secret_access_key)
+            except CredentialsUnavailable as e:
+                raise Fatal(f"S3 backend '{bc.name}' has no usable credentials: {e}") from None
             client = S3Client(reactor, bc.name, bc.endpoint or "https://s3.amazonaws.com",
-                              bc.region, bc.access_key_id, bc.secret_access_key,
-                              bc.force_path_style,
+                              bc.region, credentials, bc.force_path_style,
                               connect_timeout=config.s3_connect_timeout_secs,
                               read_timeout=config.s3_read_timeout_secs)
             try:
-                probe_blocking(client, timeout=client.connect_timeout)
+                listed = probe_blocking(client, timeout=client.connect_timeout)
             except StorageError as e:
                 raise Fatal(f"S3 backend '{bc.name}' at {client.endpoint} failed its start-up "
                             f"check: {e}") from None
             backends[bc.name] = S3Backend(client, spool, native_sse=native,
                                           full_list_metadata=ring.key is not None
-                                          or ring.legacy_key is not None)
-            lines.append(f"Backend '{bc.name}': S3 at {client.endpoint} (region {bc.region})")
+                                          or ring.legacy_key is not None,
+                                          declared=tuple(real for name, real in placed.values()
+                                                         if name == bc.name))
+            credentials.start_renewing(reactor, bc.name)
+            lines.append(f"Backend '{bc.name}': S3 at {client.endpoint} (region {bc.region}), "
+                         f"{credentials.describe()}")
+            if not listed:
+                lines.append(f"Backend '{bc.name}': ListBuckets is denied to these credentials "
+                             f"(AccessDenied), so they are valid; buckets are listed from the "
+                             f"config instead")
     check_key_ids(rings, {bc.name: (bc.encryption or {}).get("key_id") for bc in config.backends})
     for ring in rings:
         backends[ring.backend] = EncryptingBackend(backends[ring.backend], ring)
-    default = config.default_backend_name
-    routes = {}
-    for bucket, policy in config.buckets.items():
-        if policy.backend is not None:
-            target = default if policy.backend == "default" else policy.backend
-            routes[bucket] = (target, policy.alias or bucket)
-            lines.append(f"Bucket '{bucket}' → backend '{target}' as '{policy.alias or bucket}'")
-    for bucket, policy in config.buckets.items():
-        name, real = routes.get(bucket, (default, bucket))
+    for bucket, (target, real) in routes.items():
+        lines.append(f"Bucket '{bucket}' → backend '{target}' as '{real}'")
+    for bucket, (name, real) in placed.items():
         inner = backends[name].inner
         if isinstance(inner, FilesystemBackend):
             try:

@@ -26,7 +26,6 @@ import treq
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
-from botocore.credentials import Credentials
 from twisted.internet import defer, error as net_error, task
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Protocol
@@ -41,6 +40,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
+from dgproxy.storage.credentials import BackendCredentials
 from dgproxy.storage.interface import (
     AlreadyExists, BackendUnavailable, BucketInfo, BucketMissing, BucketNotEmptyError, ByteRange,
     IBackend, IObjectWriter, StoredObject, UpstreamError, open_span)
@@ -52,6 +52,7 @@ from dgproxy.wire import feed_head_apart, parse_http_date
 log = Logger(namespace="dgproxy.storage.s3")
 
 UNSIGNED = "UNSIGNED-PAYLOAD"
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 # Bodies are streamed, so their hash is not known when the request is
 # signed: say so. Without this botocore signs the hash of the (empty)
 # AWSRequest body, which AWS, MinIO and Ceph refuse for any upload
@@ -69,7 +70,6 @@ def host_header(url: str) -> str:
     return netloc[:-len(default)] if default and netloc.endswith(default) else netloc
 
 
-S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 LIST_HEAD_CONCURRENCY = 10
 PARTS_IN_FLIGHT = 4  # parts of one upstream multipart upload sent or copied at once
 
@@ -221,20 +221,35 @@ class _QuietFactory(_HTTP11ClientFactory):
 _XML_ENCODING = re.compile(rb"""\A(?:\xef\xbb\xbf)?\s*<\?xml[^>]*?encoding\s*=\s*["']([^"']*)["']""")
 
 
+# The root element's default namespace declaration, when it is the first attribute.
+_ROOT_XMLNS = re.compile(
+    rb"""\A((?:\xef\xbb\xbf)?\s*(?:<\?xml[^>]*\?>\s*)?<[^\s>/!?]+)\s+xmlns\s*=\s*(?:"[^"]*"|'[^']*')""")
+
+
 def parse_xml(body: bytes) -> ET.Element:
-    """An S3 service's XML answer, parsed by the C ElementTree parser: a page
-    of 1000 listed keys costs a third of what defusedxml's Python parser
-    takes. What defusedxml guards against needs a DTD (entity expansion,
-    external entities), and no S3 answer has one: a body with a DTD is
-    refused, and so is one whose encoding could hide it from that check
-    (a NUL byte, as UTF-16 and UTF-32 have; a declared encoding other than
-    UTF-8 or ASCII). Expat (2.4.1 and later) limits entity expansion itself
-    as well."""
+    """An S3 service's XML answer, parsed by the C ElementTree parser, with
+    bare element names whatever namespace the service declares: AWS's, none
+    (some S3-compatible services), or another (Google Cloud Storage's XML API
+    uses C{http://doc.s3.amazonaws.com/2006-03-01}). Taking the root's
+    default declaration off before parsing also halves the parse of a listing
+    page: expat then builds no C{{namespace}}name strings.
+
+    What defusedxml guards against needs a DTD (entity expansion, external
+    entities), and no S3 answer has one: a body with a DTD is refused, and so
+    is one whose encoding could hide it from that check (a NUL byte, as
+    UTF-16 and UTF-32 have; a declared encoding other than UTF-8 or ASCII).
+    Expat (2.4.1 and later) limits entity expansion itself as well."""
     declared = _XML_ENCODING.match(body)
     if (b"<!DOCTYPE" in body or b"\x00" in body
             or (declared and declared.group(1).lower() not in (b"utf-8", b"us-ascii"))):
         raise ET.ParseError("refused: a DTD, a NUL byte or an unexpected encoding")
-    return ET.fromstring(body)
+    body = _ROOT_XMLNS.sub(rb"\1", body, count=1)
+    root = ET.fromstring(body)
+    if b"xmlns" in body:  # declarations left (prefixes, inner defaults): names lose them
+        for el in root.iter():
+            if el.tag[:1] == "{":
+                el.tag = el.tag.rpartition("}")[2]
+    return root
 
 
 def _jittered(delay: float) -> float:
@@ -246,17 +261,16 @@ def _jittered(delay: float) -> float:
 class S3Client:
     """Signed requests to one S3 endpoint, with retries for idempotent calls."""
 
-    def __init__(self, reactor, name: str, endpoint: str, region: str, access_key: Optional[str],
-                 secret_key: Optional[str], path_style: bool = True,
+    def __init__(self, reactor, name: str, endpoint: str, region: str,
+                 credentials: BackendCredentials, path_style: bool = True,
                  connect_timeout: float = 10.0, read_timeout: float = 10.0, retries: int = 3):
         self.reactor = reactor
         self.name = name
         self.endpoint = endpoint.rstrip("/")
         self.region = region
         self.path_style = path_style
-        self.credentials = Credentials(access_key or "", secret_key or "") if access_key else None
-        self.signer = (S3SigV4Auth(self.credentials, "s3", region)
-                       if self.credentials is not None else None)
+        self.credentials = credentials
+        self._signer: Optional[S3SigV4Auth] = None
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool._factory = _QuietFactory
         self.pool.maxPersistentPerHost = 32
@@ -269,6 +283,15 @@ class S3Client:
         # object stored with Content-Encoding: gzip and corrupt the bytes.
         self.agent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor, connect_timeout),
                                                 pool=self.pool)
+
+    def keys_accepted(self, error: UpstreamError) -> bool:
+        """A refusal that proves the service took our signature: keys scoped
+        to some buckets (an AWS role without s3:ListAllMyBuckets) are refused
+        ListBuckets with AccessDenied, while bad keys get InvalidAccessKeyId,
+        SignatureDoesNotMatch or ExpiredToken (and unsigned requests
+        AccessDenied too, which proves nothing)."""
+        return (error.status == 403 and error.code == "AccessDenied"
+                and self.credentials.current is not None)
 
     def url(self, bucket: Optional[str], key: Optional[str] = None,
             query: Optional[dict] = None) -> str:
@@ -296,9 +319,12 @@ class S3Client:
         req = AWSRequest(method=method, url=url, headers=dict(headers))
         req.headers["Host"] = host_header(url)
         req.headers["x-amz-content-sha256"] = UNSIGNED
-        if self.signer is not None:
+        keys = self.credentials.current
+        if keys is not None:
+            if self._signer is None or self._signer.credentials is not keys:
+                self._signer = S3SigV4Auth(keys, "s3", self.region)  # renewed keys
             req.context["client_config"] = _UNSIGNED_BODIES
-            self.signer.add_auth(req)
+            self._signer.add_auth(req)
         return {k: [v] for k, v in req.headers.items()}
 
     def _send(self, method: str, url: str, headers: dict, body=None,
@@ -678,23 +704,21 @@ class S3Backend:
     """Blobs and their C{x-amz-meta-dg-*} metadata in an S3 service."""
 
     def __init__(self, client: S3Client, spool, name: Optional[str] = None,
-                 native_sse: Optional[dict] = None, full_list_metadata: bool = False):
+                 native_sse: Optional[dict] = None, full_list_metadata: bool = False,
+                 declared: tuple[str, ...] = ()):
         """C{native_sse}: {mode: sse-kms|sse-s3, kms_key_id, bucket_key_enabled} to have
         the service encrypt; C{full_list_metadata}: LIST sizes and ETags are not the
-        logical ones (proxy-side encryption), so every listed key needs metadata."""
+        logical ones (proxy-side encryption), so every listed key needs metadata;
+        C{declared}: the buckets the config puts here (real names), listed in
+        place of ListBuckets when the keys may not list all buckets."""
         self.client = client
         self.spool = spool
         self.name = name or client.name
         self.native_sse = native_sse
         self.full_list_metadata = full_list_metadata
+        self.declared = tuple(declared)
         self._list_meta: dict[tuple, ObjectMetadata] = {}
-
-    async def check(self) -> None:
-        """Reachable, and the credentials are accepted (ListBuckets)."""
-        response = await self.client.request("GET", None)
-        if response.code != 200:
-            raise await self.client.error_of(response)
-        await treq.content(response)
+        self._said_scoped = False
 
     async def _fail(self, response, bucket: Optional[str] = None):
         err = await self.client.error_of(response)
@@ -706,13 +730,35 @@ class S3Backend:
     async def list_buckets(self):
         response = await self.client.request("GET", None)
         if response.code != 200:
-            await self._fail(response)
+            err = await self.client.error_of(response)
+            if not self.client.keys_accepted(err):
+                raise err
+            return await self._declared_buckets()
         root = parse_xml(await treq.content(response))
         out = []
-        for b in root.iter(S3_NS + "Bucket"):
-            out.append(BucketInfo(b.findtext(S3_NS + "Name"),
-                                  _iso(b.findtext(S3_NS + "CreationDate") or "")))
+        for b in root.iter("Bucket"):
+            out.append(BucketInfo(b.findtext("Name"),
+                                  _iso(b.findtext("CreationDate") or "")))
         return sorted(out, key=lambda b: b.name)
+
+    async def _declared_buckets(self) -> list[BucketInfo]:
+        """For keys scoped to their buckets: the declared ones that exist
+        (HEAD needs only s3:ListBucket on each). HEAD tells no creation
+        date, so they show the epoch."""
+        if not self._said_scoped:
+            self._said_scoped = True
+            log.info("Backend '{backend}': ListBuckets is denied to its credentials; "
+                     "listing the buckets the config declares on it instead: {names}",
+                     backend=self.name, names=", ".join(self.declared) or "none")
+        found = []
+        for name in self.declared:
+            try:
+                if await self.bucket_exists(name):
+                    found.append(BucketInfo(name, _EPOCH))
+            except UpstreamError as e:
+                if e.status != 403:  # 403: not one these keys may use
+                    raise
+        return sorted(found, key=lambda b: b.name)
 
     async def bucket_exists(self, bucket: str) -> bool:
         response = await self.client.request("HEAD", bucket)
@@ -880,7 +926,7 @@ class S3Backend:
             # Like Complete, a copy can fail after its 200 has begun. (The
             # answer's name varies: SeaweedFS does not say CopyPartResult.)
             answer = parse_xml(await treq.content(response))
-            etag = answer.findtext(S3_NS + "ETag") or answer.findtext("ETag")
+            etag = answer.findtext("ETag")
             if not etag:
                 raise _error_in(answer, "UploadPartCopy")
             return etag
@@ -953,7 +999,7 @@ class S3Backend:
                                              headers=headers, idempotent=False)
         if response.code != 200:
             raise await self._refusal(response, bucket, key)
-        upload_id = parse_xml(await treq.content(response)).findtext(S3_NS + "UploadId")
+        upload_id = parse_xml(await treq.content(response)).findtext("UploadId")
         if not upload_id:
             raise UpstreamError(500, "InternalError", "CreateMultipartUpload gave no UploadId")
         return upload_id
@@ -970,7 +1016,7 @@ class S3Backend:
             raise await self._refusal(response, bucket, key)
         # A Complete can fail after its 200 has begun: the error is the body.
         answer = parse_xml(await treq.content(response))
-        if answer.tag != S3_NS + "CompleteMultipartUploadResult":
+        if answer.tag != "CompleteMultipartUploadResult":
             raise _error_in(answer, "CompleteMultipartUpload")
 
     def _abandon(self, bucket: str, key: str, upload_id: str) -> None:
@@ -1033,21 +1079,21 @@ class S3Backend:
             root = parse_xml(await treq.content(response))
             # Decoded only if the service says it encoded (one that ignores
             # the parameter sends keys as they are).
-            decoded = (unquote_plus if root.findtext(S3_NS + "EncodingType") == "url"
+            decoded = (unquote_plus if root.findtext("EncodingType") == "url"
                        else str)
-            for c in root.iter(S3_NS + "Contents"):
-                key = decoded(c.findtext(S3_NS + "Key") or "")
-                etag = (c.findtext(S3_NS + "ETag") or "").strip('"')
-                objects.append(StoredObject(key, int(c.findtext(S3_NS + "Size") or 0),
-                                            _iso(c.findtext(S3_NS + "LastModified") or ""),
+            for c in root.iter("Contents"):
+                key = decoded(c.findtext("Key") or "")
+                etag = (c.findtext("ETag") or "").strip('"')
+                objects.append(StoredObject(key, int(c.findtext("Size") or 0),
+                                            _iso(c.findtext("LastModified") or ""),
                                             None, etag=etag))
-            for p in root.iter(S3_NS + "CommonPrefixes"):
-                value = decoded(p.findtext(S3_NS + "Prefix") or "")
+            for p in root.iter("CommonPrefixes"):
+                value = decoded(p.findtext("Prefix") or "")
                 if value.rstrip("/").rpartition("/")[2] != ".dg":
                     prefixes.append(value)
-            if (root.findtext(S3_NS + "IsTruncated") or "false") != "true":
+            if (root.findtext("IsTruncated") or "false") != "true":
                 break
-            token = root.findtext(S3_NS + "NextContinuationToken")
+            token = root.findtext("NextContinuationToken")
             if not token:
                 break
             if more is not None:
@@ -1137,8 +1183,10 @@ def _fallback_md5(meta: ObjectMetadata, upstream_etag: str) -> str:
     return meta.file_sha256[:32]
 
 
-def probe_blocking(client: S3Client, timeout: float = 10.0) -> None:
-    """Start-up check, before the reactor runs: ListBuckets must succeed.
+def probe_blocking(client: S3Client, timeout: float = 10.0) -> bool:
+    """Start-up check, before the reactor runs: the service answers ListBuckets
+    and accepts the credentials. False when it refused the listing itself but
+    took the keys (L{denied_but_valid}).
 
     Raises L{BackendUnavailable} or L{UpstreamError} with what went wrong."""
     import urllib.error
@@ -1149,6 +1197,7 @@ def probe_blocking(client: S3Client, timeout: float = 10.0) -> None:
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             response.read()
+            return True
     except urllib.error.HTTPError as e:
         body = e.read()
         code = f"HTTP{e.code}"
@@ -1156,6 +1205,9 @@ def probe_blocking(client: S3Client, timeout: float = 10.0) -> None:
             code = parse_xml(body).findtext("Code") or code
         except Exception:
             pass
-        raise UpstreamError(e.code, code, "ListBuckets refused (are the credentials right?)") from None
+        error = UpstreamError(e.code, code, "ListBuckets refused (are the credentials right?)")
+        if client.keys_accepted(error):
+            return False
+        raise error from None
     except OSError as e:
         raise BackendUnavailable(client.name, f"{client.endpoint}: {getattr(e, 'reason', e)}") from None

@@ -72,6 +72,11 @@ class ProxyProcess:
         self.env.update({
             "DGP_LISTEN_ADDR": f"127.0.0.1:{self.port}",
             "DGP_DATA_DIR": self.data_dir,
+            # An S3 backend without keys asks the AWS chain: not this
+            # machine's files or an instance role, unless a test says so.
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "AWS_EC2_METADATA_DISABLED": "true",
         })
         if open_access:
             self.env["DGP_AUTHENTICATION"] = "none"

@@ -206,6 +206,7 @@ class FakeS3:
         self.failed_parts: dict[int, tuple] = {}  # part number -> what every UploadPart of it gets
         self.complete_error: Optional[str] = None  # a code Complete answers inside its 200
         self.ignores_ranges = False  # answer a ranged GET with the whole object, as HTTP allows
+        self.denies_list_buckets = False  # keys scoped to buckets: ListBuckets is AccessDenied
         self.server = _Server(("127.0.0.1", 0), _Handler)
         self.server.fake = self
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -247,6 +248,8 @@ class FakeS3:
         if bucket is None:
             if method != "GET":
                 return _error(405, "MethodNotAllowed")
+            if self.denies_list_buckets:
+                return _error(403, "AccessDenied", "Access Denied")
             items = "".join(f"<Bucket><Name>{escape(b)}</Name><CreationDate>"
                             "2024-01-01T00:00:00.000Z</CreationDate></Bucket>"
                             for b in sorted(self.buckets))

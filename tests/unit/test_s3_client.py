@@ -15,14 +15,15 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from dgproxy.auth.sigv4 import AuthFailure, SignedRequest, verify
+from dgproxy.storage.credentials import BackendCredentials
 from dgproxy.storage.s3 import S3Client, in_flight, upstream_part_size
 
 AWS = "https://s3.eu-central-1.amazonaws.com"
 
 
 def client(path_style: bool, endpoint: str = AWS) -> S3Client:
-    return S3Client(task.Clock(), "archive", endpoint, "eu-central-1", "AKIDEXAMPLE",
-                    "secret", path_style=path_style)
+    return S3Client(task.Clock(), "archive", endpoint, "eu-central-1",
+                    BackendCredentials.resolve("AKIDEXAMPLE", "secret"), path_style=path_style)
 
 
 def verify_as_received(url: str, headers: dict):
@@ -89,7 +90,7 @@ class AddressingTests(unittest.TestCase):
             self.assertIn("host;", headers["Authorization"][0])
 
     def test_no_credentials_means_no_signature(self):
-        c = S3Client(task.Clock(), "anon", AWS, "eu-central-1", None, None)
+        c = S3Client(task.Clock(), "anon", AWS, "eu-central-1", BackendCredentials())
         headers = c._signed_headers("GET", c.url("b", "k"), {})
         self.assertNotIn("Authorization", headers)
 

@@ -14,7 +14,6 @@ from twisted.trial import unittest
 
 from dgproxy.storage.s3 import parse_xml
 
-NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 LISTING = (b'<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult xmlns='
            b'"http://s3.amazonaws.com/doc/2006-03-01/"><Name>b</Name><IsTruncated>false'
            b'</IsTruncated><Contents><Key>caf\xc3\xa9 &amp; co.tar</Key><Size>12</Size>'
@@ -32,7 +31,7 @@ EXTERNAL = b"""<?xml version="1.0"?>
 class ParseXmlTests(unittest.TestCase):
     def test_an_s3_answer_parses(self):
         root = parse_xml(LISTING)
-        self.assertEqual(root.find(NS + "Contents").findtext(NS + "Key"), "café & co.tar")
+        self.assertEqual(root.find("Contents").findtext("Key"), "café & co.tar")
         self.assertEqual(parse_xml(b"\xef\xbb\xbf<Error><Code>SlowDown</Code></Error>")
                          .findtext("Code"), "SlowDown")
         self.assertEqual(parse_xml(b"<?xml version='1.0' encoding='us-ascii'?><A>x</A>").text, "x")
@@ -68,3 +67,59 @@ class ParseXmlTests(unittest.TestCase):
         body = b"<Error><Message>" + text.replace("&", "&amp;").replace("<", "&lt;").replace(
             "\r", "&#13;").encode("utf-8") + b"</Message></Error>"
         self.assertEqual(parse_xml(body).findtext("Message") or "", text)
+
+
+def _names(root: ET.Element) -> list:
+    return [(el.tag, (el.text or "").strip()) for el in root.iter()]
+
+
+PAGE = ('<ListBucketResult{root}><Name>b</Name>{inner}<IsTruncated>false</IsTruncated>'
+        '<Contents><Key>a&amp;b</Key><Size>3</Size><ETag>&quot;e&quot;</ETag></Contents>'
+        '</ListBucketResult>')
+
+
+class NamespaceTests(unittest.TestCase):
+    """Whatever namespace a service declares, the elements have bare names,
+    so a listing from AWS, from a service that declares none, or from Google
+    Cloud Storage's XML API reads the same."""
+
+    def test_the_namespaces_services_send_read_alike(self):
+        want = _names(parse_xml(PAGE.format(root="", inner="").encode()))
+        self.assertEqual(want[0], ("ListBucketResult", ""))
+        for root in (' xmlns="http://s3.amazonaws.com/doc/2006-03-01/"',
+                     " xmlns='http://doc.s3.amazonaws.com/2006-03-01'",  # GCS
+                     ' xmlns = "urn:x"  id="1"', ' id="1" xmlns="urn:x"'):
+            self.assertEqual(_names(parse_xml(PAGE.format(root=root, inner="").encode())), want,
+                             root)
+        prefixed = ('<s3:ListBucketResult xmlns:s3="urn:x"><s3:Name>b</s3:Name>'
+                    '<s3:IsTruncated>false</s3:IsTruncated><s3:Contents><s3:Key>a&amp;b</s3:Key>'
+                    '<s3:Size>3</s3:Size><s3:ETag>&quot;e&quot;</s3:ETag></s3:Contents>'
+                    '</s3:ListBucketResult>')
+        self.assertEqual(_names(parse_xml(prefixed.encode())), want)
+        declared = '<?xml version="1.0" encoding="UTF-8"?>\n' + PAGE.format(
+            root=' xmlns="http://s3.amazonaws.com/doc/2006-03-01/"', inner="")
+        self.assertEqual(_names(parse_xml(declared.encode())), want)
+
+    def test_an_inner_default_namespace_is_taken_off_too(self):
+        body = PAGE.format(root=' xmlns="urn:a"', inner='<Owner xmlns="urn:b"><ID>1</ID></Owner>')
+        names = [tag for tag, _ in _names(parse_xml(body.encode()))]
+        self.assertIn("Owner", names)
+        self.assertIn("ID", names)
+        self.assertFalse([t for t in names if t.startswith("{")], names)
+
+    def test_xmlns_in_text_is_only_text(self):
+        body = PAGE.format(root=' xmlns="urn:a"', inner="<Prefix>xmlns=&quot;x&quot;</Prefix>")
+        root = parse_xml(body.encode())
+        self.assertEqual(root.findtext("Prefix"), 'xmlns="x"')
+        self.assertEqual(root.findtext("Contents/Key"), "a&b")
+
+    @given(st.sampled_from(["", ' xmlns="http://s3.amazonaws.com/doc/2006-03-01/"',
+                            " xmlns='urn:gcs'", ' xmlns:p="urn:p"']),
+           st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc")),
+                            max_size=12), max_size=5))
+    def test_keys_survive_any_namespace(self, root, keys):
+        contents = "".join(f"<Contents><Key>{k.replace('&', '&amp;').replace('<', '&lt;')}</Key>"
+                           "</Contents>" for k in keys)
+        body = f"<ListBucketResult{root}>{contents}</ListBucketResult>".encode()
+        self.assertEqual([c.findtext("Key") or "" for c in parse_xml(body).iter("Contents")],
+                         [k.replace("\r", "\n") for k in keys])
