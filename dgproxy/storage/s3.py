@@ -230,9 +230,10 @@ def parse_xml(body: bytes) -> ET.Element:
     """An S3 service's XML answer, parsed by the C ElementTree parser, with
     bare element names whatever namespace the service declares: AWS's, none
     (some S3-compatible services), or another (Google Cloud Storage's XML API
-    uses C{http://doc.s3.amazonaws.com/2006-03-01}). Taking the root's
-    default declaration off before parsing also halves the parse of a listing
-    page: expat then builds no C{{namespace}}name strings.
+    uses C{http://doc.s3.amazonaws.com/2006-03-01}). The root's default
+    declaration is taken off before parsing (expat then builds no
+    C{{namespace}}name strings: a SeaweedFS listing page parses about 7 %
+    faster); any other declaration is taken off the names afterwards.
 
     What defusedxml guards against needs a DTD (entity expansion, external
     entities), and no S3 answer has one: a body with a DTD is refused, and so
