@@ -40,7 +40,7 @@ from dgproxy.storage.encrypting import EncryptingBackend, KeyRing, derive_key_id
 from dgproxy.storage.filesystem import FilesystemBackend, XattrUnsupported
 from dgproxy.storage.interface import StorageError
 from dgproxy.storage.routing import RoutingBackend
-from dgproxy.storage.s3 import S3Backend, S3Client, probe_blocking
+from dgproxy.storage.s3 import S3Backend, S3Client, default_endpoint, probe_blocking
 from dgproxy.sockets import tune_tcp
 
 log = Logger(namespace="dgproxy")
@@ -217,7 +217,7 @@ def build_backends(config: Config, spool: Spool):
                 credentials = BackendCredentials.resolve(bc.access_key_id, bc.secret_access_key)
             except CredentialsUnavailable as e:
                 raise Fatal(f"S3 backend '{bc.name}' has no usable credentials: {e}") from None
-            client = S3Client(reactor, bc.name, bc.endpoint or "https://s3.amazonaws.com",
+            client = S3Client(reactor, bc.name, bc.endpoint or default_endpoint(bc.region),
                               bc.region, credentials, bc.force_path_style,
                               connect_timeout=config.s3_connect_timeout_secs,
                               read_timeout=config.s3_read_timeout_secs)

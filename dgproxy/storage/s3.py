@@ -61,6 +61,12 @@ _UNSIGNED_BODIES = Config(s3={"payload_signing_enabled": False})
 _DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 
 
+def default_endpoint(region: str) -> str:
+    """AWS's S3 endpoint for C{region}: requests must be signed for the
+    region of the endpoint they go to, so the global one only serves us-east-1."""
+    return f"https://s3.{region}.amazonaws.com" + (".cn" if region.startswith("cn-") else "")
+
+
 def host_header(url: str) -> str:
     """The Host a request to C{url} carries (the port only when not the
     scheme's default), as Twisted's Agent and botocore's signer both derive it."""
@@ -299,10 +305,12 @@ class S3Client:
         path = ""
         base = self.endpoint
         if bucket:
-            if self.path_style:
+            scheme, _, host = base.partition("://")
+            # A dotted name as a host would not match the service's wildcard
+            # certificate: such buckets go in the path, as the AWS SDKs send them.
+            if self.path_style or ("." in bucket and scheme == "https"):
                 path = "/" + bucket
             else:
-                scheme, _, host = base.partition("://")
                 base = f"{scheme}://{bucket}.{host}"
         if key is not None:
             path += "/" + quote(key, safe="/~")
@@ -441,14 +449,27 @@ class S3Client:
 
     async def error_of(self, response) -> UpstreamError:
         body = await treq.content(response) if response.code != 304 else b""
-        code, message = f"HTTP{response.code}", ""
+        region = response.headers.getRawHeaders(b"x-amz-bucket-region", [b""])[0]
+        return self.error_from(response.code, body, region.decode("latin-1"))
+
+    def error_from(self, status: int, body: bytes, bucket_region: str = "") -> UpstreamError:
+        """The error an answer's status and S3 XML body describe. A bucket in
+        another region than the one this backend signs for (AWS answers 301,
+        or 400 AuthorizationHeaderMalformed) is named in the message: that
+        only reaches the log, as clients are told 500 InternalError for both."""
+        code, message, region = f"HTTP{status}", "", bucket_region
         try:
             root = parse_xml(body)
             code = root.findtext("Code") or code
             message = root.findtext("Message") or ""
+            region = root.findtext("Region") or region
         except Exception:
             pass
-        return UpstreamError(response.code, code, message)
+        if region and region != self.region and (
+                status in (301, 307) or code == "AuthorizationHeaderMalformed"):
+            message += (f" [the bucket is in region {region}; backend '{self.name}' signs for "
+                        f"{self.region} at {self.endpoint}: set the backend's region and endpoint]")
+        return UpstreamError(status, code, message)
 
 
 class _FileSlice:

@@ -15,8 +15,9 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from dgproxy.auth.sigv4 import AuthFailure, SignedRequest, verify
+from dgproxy.s3 import errors
 from dgproxy.storage.credentials import BackendCredentials
-from dgproxy.storage.s3 import S3Client, in_flight, upstream_part_size
+from dgproxy.storage.s3 import S3Client, default_endpoint, in_flight, upstream_part_size
 
 AWS = "https://s3.eu-central-1.amazonaws.com"
 
@@ -52,6 +53,20 @@ class AddressingTests(unittest.TestCase):
         self.assertEqual(c.url("acme-releases", "dir/app 1.zip", {"uploadId": "x/y", "uploads": None}),
                          "https://acme-releases.s3.eu-central-1.amazonaws.com/dir/app%201.zip"
                          "?uploadId=x%2Fy&uploads")
+
+    def test_dotted_buckets_go_in_the_path_over_https(self):
+        """A dotted name as a host would not match *.s3.….amazonaws.com."""
+        c = client(False)
+        self.assertEqual(c.url("acme.releases", "a.zip"),
+                         AWS + "/acme.releases/a.zip")
+        plain = client(False, "http://minio.internal:9000")
+        self.assertEqual(plain.url("acme.releases", "a.zip"),
+                         "http://acme.releases.minio.internal:9000/a.zip")
+
+    def test_default_endpoint_is_the_regions(self):
+        self.assertEqual(default_endpoint("eu-central-1"), "https://s3.eu-central-1.amazonaws.com")
+        self.assertEqual(default_endpoint("us-east-1"), "https://s3.us-east-1.amazonaws.com")
+        self.assertEqual(default_endpoint("cn-north-1"), "https://s3.cn-north-1.amazonaws.com.cn")
 
     def test_signature_holds_for_the_virtual_host_only(self):
         """dgproxy's own SigV4 verifier accepts the upstream request as the
@@ -158,3 +173,31 @@ class InFlightTests(unittest.TestCase):
 
     def test_no_parts(self):
         self.assertEqual(self.successResultOf(defer.ensureDeferred(in_flight(0, self.run_part, 4))), [])
+
+
+class RegionHintTests(unittest.TestCase):
+    """A bucket in another region fails every request; the log line says
+    which region to configure, and clients learn nothing of the backend."""
+
+    def test_redirects_and_region_refusals_name_the_buckets_region(self):
+        c = client(True)
+        moved = c.error_from(301, b"<Error><Code>PermanentRedirect</Code><Message>Use the "
+                             b"endpoint.</Message></Error>", "ap-southeast-2")
+        self.assertEqual(moved.code, "PermanentRedirect")
+        self.assertIn("the bucket is in region ap-southeast-2; backend 'archive' signs for "
+                      "eu-central-1", moved.message)
+        malformed = c.error_from(400, b"<Error><Code>AuthorizationHeaderMalformed</Code>"
+                                 b"<Message>wrong region</Message><Region>us-west-2</Region>"
+                                 b"</Error>")
+        self.assertIn("region us-west-2", malformed.message)
+        self.assertEqual(errors.from_upstream(moved.status, moved.code, moved.message).status, 500)
+        self.assertEqual(errors.from_upstream(malformed.status, malformed.code,
+                                              malformed.message).status, 500)
+
+    def test_other_errors_and_the_same_region_get_no_hint(self):
+        c = client(True)
+        for status, body, region in (
+                (404, b"<Error><Code>NoSuchKey</Code><Message>gone</Message></Error>", "us-west-2"),
+                (301, b"<Error><Code>PermanentRedirect</Code></Error>", "eu-central-1"),
+                (301, b"", "")):
+            self.assertNotIn("region", c.error_from(status, body, region).message)
