@@ -5,10 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEV_CREDENTIALS := .dev-credentials
-# command:debian-package pairs; the run needs xdelta3, the tests also promtool
-# and rclone (a client the e2e tests drive).
+# command:debian-package pairs; the run needs xdelta3, the tests also promtool,
+# rclone (a client the e2e tests drive) and tinyproxy (an outbound proxy).
 RUN_DEPS := xdelta3:xdelta3
-TEST_DEPS := $(RUN_DEPS) promtool:prometheus rclone:rclone
+TEST_DEPS := $(RUN_DEPS) promtool:prometheus rclone:rclone tinyproxy:tinyproxy
 
 .PHONY: run test bench system-deps test-system-deps venv clean
 

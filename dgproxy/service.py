@@ -217,10 +217,13 @@ def build_backends(config: Config, spool: Spool):
                 credentials = BackendCredentials.resolve(bc.access_key_id, bc.secret_access_key)
             except CredentialsUnavailable as e:
                 raise Fatal(f"S3 backend '{bc.name}' has no usable credentials: {e}") from None
-            client = S3Client(reactor, bc.name, bc.endpoint or default_endpoint(bc.region),
-                              bc.region, credentials, bc.force_path_style,
-                              connect_timeout=config.s3_connect_timeout_secs,
-                              read_timeout=config.s3_read_timeout_secs)
+            try:
+                client = S3Client(reactor, bc.name, bc.endpoint or default_endpoint(bc.region),
+                                  bc.region, credentials, bc.force_path_style,
+                                  connect_timeout=config.s3_connect_timeout_secs,
+                                  read_timeout=config.s3_read_timeout_secs)
+            except ValueError as e:
+                raise Fatal(f"S3 backend '{bc.name}': {e}") from None
             try:
                 listed = probe_blocking(client, timeout=client.connect_timeout)
             except StorageError as e:
@@ -233,7 +236,8 @@ def build_backends(config: Config, spool: Spool):
                                                          if name == bc.name))
             credentials.start_renewing(reactor, bc.name)
             lines.append(f"Backend '{bc.name}': S3 at {client.endpoint} (region {bc.region}), "
-                         f"{credentials.describe()}")
+                         f"{credentials.describe()}"
+                         + (f", through proxy {client.proxy!r}" if client.proxy else ""))
             if not listed:
                 lines.append(f"Backend '{bc.name}': ListBuckets is denied to these credentials "
                              f"(AccessDenied), so they are valid; buckets are listed from the "

@@ -18,8 +18,8 @@ import random
 import re
 import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
-from typing import Callable, Optional
-from urllib.parse import quote, unquote_plus
+from typing import Callable, Mapping, Optional
+from urllib.parse import quote, unquote_plus, urlsplit
 from xml.sax.saxutils import escape as xml_escape
 
 import treq
@@ -32,7 +32,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import (
-    Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, HTTPConnectionPool,
+    Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, HTTPConnectionPool, ProxyAgent,
     RequestTransmissionFailed, ResponseDone, ResponseNeverReceived, _HTTP11ClientFactory)
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
@@ -46,6 +46,7 @@ from dgproxy.storage.interface import (
     IBackend, IObjectWriter, StoredObject, UpstreamError, open_span)
 from dgproxy.storage.metadata import (
     DELTA_SUFFIX, REFERENCE_NAME, ObjectMetadata, from_s3_headers, to_s3_headers)
+from dgproxy.storage.proxies import TunnelEndpoint, check_proxies, proxy_for
 from dgproxy.streams import BodyStream, BytesSource, PauseGate, SliceSource
 from dgproxy.wire import feed_head_apart, parse_http_date
 
@@ -193,11 +194,14 @@ class _ClientProtocol(HTTP11ClientProtocol):
 @implementer(IAgentEndpointFactory)
 class _Endpoints:
     """One endpoint per scheme, host and port, made once: the Agent's own
-    factory builds a new one for every request."""
+    factory builds a new one for every request. An https:// host that
+    C{HTTPS_PROXY} applies to is reached through a tunnel of that proxy."""
 
-    def __init__(self, reactor, connect_timeout: float):
+    def __init__(self, reactor, connect_timeout: float,
+                 environment: Optional[Mapping[str, str]] = None):
         self._reactor = reactor
         self._timeout = connect_timeout
+        self._environment = environment
         self._tls = BrowserLikePolicyForHTTPS()
         self._made: dict[tuple, object] = {}
 
@@ -205,12 +209,18 @@ class _Endpoints:
         key = (uri.scheme, uri.host, uri.port)
         endpoint = self._made.get(key)
         if endpoint is None:
-            endpoint = HostnameEndpoint(self._reactor, uri.host.decode("ascii"), uri.port,
-                                        timeout=self._timeout)
-            if uri.scheme == b"https":
-                endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
-            elif uri.scheme != b"http":
+            host = uri.host.decode("ascii")
+            if uri.scheme not in (b"http", b"https"):
                 raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
+            endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+            if uri.scheme == b"https":
+                proxy = proxy_for("https", host, self._environment)
+                if proxy is not None:
+                    endpoint = TunnelEndpoint(
+                        self._reactor, HostnameEndpoint(self._reactor, proxy.host, proxy.port,
+                                                        timeout=self._timeout),
+                        proxy, host, uri.port, self._timeout)
+                endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
             if len(self._made) > 1000:  # virtual-hosted style: one host per bucket
                 self._made.clear()
             self._made[key] = endpoint
@@ -270,7 +280,9 @@ class S3Client:
 
     def __init__(self, reactor, name: str, endpoint: str, region: str,
                  credentials: BackendCredentials, path_style: bool = True,
-                 connect_timeout: float = 10.0, read_timeout: float = 10.0, retries: int = 3):
+                 connect_timeout: float = 10.0, read_timeout: float = 10.0, retries: int = 3,
+                 environment: Optional[Mapping[str, str]] = None):
+        """C{environment}: where the proxy variables are read (the process's own by default)."""
         self.reactor = reactor
         self.name = name
         self.endpoint = endpoint.rstrip("/")
@@ -288,8 +300,13 @@ class S3Client:
         # The Agent itself, not treq.request: treq wraps every request in
         # cookie, redirect and gzip-decoding agents; the last would unzip an
         # object stored with Content-Encoding: gzip and corrupt the bytes.
-        self.agent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor, connect_timeout),
-                                                pool=self.pool)
+        self.agent = Agent.usingEndpointFactory(
+            reactor, _Endpoints(reactor, connect_timeout, environment), pool=self.pool)
+        self._environment = environment
+        check_proxies(environment)
+        self.proxy = proxy_for(urlsplit(self.endpoint).scheme, urlsplit(self.endpoint).hostname
+                               or "", environment)
+        self._http_proxies: dict[str, ProxyAgent] = {}  # by proxy URL
 
     def keys_accepted(self, error: UpstreamError) -> bool:
         """A refusal that proves the service took our signature: keys scoped
@@ -336,6 +353,28 @@ class S3Client:
             self._signer.add_auth(req)
         return {k: [v] for k, v in req.headers.items()}
 
+    def _agent_for(self, url: str, headers: dict):
+        """The pooled Agent, or for an http:// host that C{HTTP_PROXY} applies
+        to, an Agent that sends the request to that proxy in absolute form
+        (adding the proxy's credentials to C{headers})."""
+        if not url.startswith("http://"):
+            return self.agent
+        proxy = proxy_for("http", urlsplit(url).hostname or "", self._environment)
+        if proxy is None:
+            return self.agent
+        if proxy.url not in self._http_proxies:
+            to_proxy = HostnameEndpoint(self.reactor, proxy.host, proxy.port,
+                                        timeout=self.connect_timeout)
+            # A connection per request: proxies such as tinyproxy close theirs
+            # after each answer without saying so, and a streaming PUT sent on
+            # such a connection could not be replayed.
+            pool = HTTPConnectionPool(self.reactor, persistent=False)
+            pool._factory = _QuietFactory
+            self._http_proxies[proxy.url] = ProxyAgent(to_proxy, self.reactor, pool=pool)
+        if proxy.authorization is not None:
+            headers["Proxy-Authorization"] = [proxy.authorization.decode("ascii")]
+        return self._http_proxies[proxy.url]
+
     def _send(self, method: str, url: str, headers: dict, body=None,
               timeout: Optional[float] = None,
               progress: Optional[Callable[[], int]] = None) -> defer.Deferred:
@@ -344,8 +383,9 @@ class S3Client:
         or, with C{progress} (how much of the body has gone), once that has
         not moved for C{timeout} seconds: an upload may take long, but it
         may not stall."""
-        d = self.agent.request(method.encode("ascii"), url.encode("ascii"),
-                               Headers(self._signed_headers(method, url, headers)), body)
+        signed = self._signed_headers(method, url, headers)
+        d = self._agent_for(url, signed).request(method.encode("ascii"), url.encode("ascii"),
+                                                 Headers(signed), body)
         if timeout is None:
             return d
         if progress is None:
@@ -1222,6 +1262,10 @@ def probe_blocking(client: S3Client, timeout: float = 10.0) -> bool:
             return True
     except urllib.error.HTTPError as e:
         body = e.read()
+        if e.code == 407 or (e.code == 401 and client.proxy is not None):
+            # S3 refuses with 403; 401 is a proxy that misuses it (tinyproxy)
+            raise BackendUnavailable(client.name, f"{client.endpoint}: the proxy "
+                                     f"{client.proxy!r} refused: {e.code} {e.reason}") from None
         code = f"HTTP{e.code}"
         try:
             code = parse_xml(body).findtext("Code") or code

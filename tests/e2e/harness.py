@@ -67,7 +67,7 @@ class ProxyProcess:
         self.log_path = os.path.join(self.workdir, "dgproxy.log")
         self.env = dict(os.environ)
         for k in list(self.env):
-            if k.startswith("DGP_") or k.startswith("AWS_"):
+            if k.startswith(("DGP_", "AWS_")) or k.lower().endswith("_proxy"):
                 del self.env[k]
         self.env.update({
             "DGP_LISTEN_ADDR": f"127.0.0.1:{self.port}",
