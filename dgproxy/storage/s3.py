@@ -307,6 +307,7 @@ class S3Client:
         self.proxy = proxy_for(urlsplit(self.endpoint).scheme, urlsplit(self.endpoint).hostname
                                or "", environment)
         self._http_proxies: dict[str, ProxyAgent] = {}  # by proxy URL
+        self._http_routes: dict[str, tuple] = {}  # http:// host -> (Agent, proxy credentials)
 
     def keys_accepted(self, error: UpstreamError) -> bool:
         """A refusal that proves the service took our signature: keys scoped
@@ -359,9 +360,21 @@ class S3Client:
         (adding the proxy's credentials to C{headers})."""
         if not url.startswith("http://"):
             return self.agent
-        proxy = proxy_for("http", urlsplit(url).hostname or "", self._environment)
+        host = urlsplit(url).hostname or ""
+        if host not in self._http_routes:
+            if len(self._http_routes) > 1000:  # virtual-hosted style: one host per bucket
+                self._http_routes.clear()
+            self._http_routes[host] = self._http_route(host)
+        agent, authorization = self._http_routes[host]
+        if authorization is not None:
+            headers["Proxy-Authorization"] = [authorization]
+        return agent
+
+    def _http_route(self, host: str) -> tuple:
+        """(Agent, proxy credentials) for an http:// host, decided once."""
+        proxy = proxy_for("http", host, self._environment)
         if proxy is None:
-            return self.agent
+            return self.agent, None
         if proxy.url not in self._http_proxies:
             to_proxy = HostnameEndpoint(self.reactor, proxy.host, proxy.port,
                                         timeout=self.connect_timeout)
@@ -371,9 +384,8 @@ class S3Client:
             pool = HTTPConnectionPool(self.reactor, persistent=False)
             pool._factory = _QuietFactory
             self._http_proxies[proxy.url] = ProxyAgent(to_proxy, self.reactor, pool=pool)
-        if proxy.authorization is not None:
-            headers["Proxy-Authorization"] = [proxy.authorization.decode("ascii")]
-        return self._http_proxies[proxy.url]
+        auth = proxy.authorization.decode("ascii") if proxy.authorization is not None else None
+        return self._http_proxies[proxy.url], auth
 
     def _send(self, method: str, url: str, headers: dict, body=None,
               timeout: Optional[float] = None,
