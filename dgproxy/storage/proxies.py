@@ -107,6 +107,9 @@ class _Tunnel(Protocol):
         if len(fields) < 2 or not fields[0].startswith(b"HTTP/1.") or fields[1] != b"200":
             self._refused(status_line[:200])
             return
+        if self._opened is None or self._opened.called:  # given up on (timed out, cancelled)
+            self.transport.abortConnection()
+            return
         inner = self._wanted.buildProtocol(self.transport.getPeer())
         if inner is None:
             self._refused(b"no protocol for the tunnel")

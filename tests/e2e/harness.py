@@ -55,6 +55,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def read_log(path: str) -> str:
+    """A process's log so far ("" before it has one)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 class ProxyProcess:
     """Starts dgproxy in a temp directory; C{stop()} sends SIGTERM and waits."""
 
@@ -124,11 +133,7 @@ class ProxyProcess:
         raise RuntimeError(f"dgproxy did not become ready:\n{self.log()}")
 
     def log(self) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
+        return read_log(self.log_path)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         if self.proc is None:

@@ -16,7 +16,7 @@ from typing import Optional
 
 from twisted.trial import unittest
 
-from tests.e2e.harness import ProxyProcess, free_port
+from tests.e2e.harness import ProxyProcess, free_port, read_log
 from tests.e2e.seaweed import Seaweed
 from tests.e2e.test_s3_backend import ClassFixture, random_bytes
 
@@ -56,11 +56,7 @@ class TinyProxy:
                 time.sleep(0.05)
 
     def log(self) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
+        return read_log(self.log_path)
 
     def relayed(self) -> list[str]:
         """The request lines it relayed ("CONNECT host:port HTTP/1.1", "GET http://…")."""

@@ -92,6 +92,14 @@ class TunnelTests(unittest.TestCase):
         tunnel.connectionLost(net_error.ConnectionDone())  # no second errback
         self.assertIsNone(inner.transport)
 
+    def test_a_tunnel_opened_after_the_attempt_was_given_up_is_dropped(self):
+        tunnel, transport, opened, inner = _tunnel()
+        opened.errback(net_error.TimeoutError())
+        self.failureResultOf(opened)
+        tunnel.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")
+        self.assertIsNone(inner.transport)
+        self.assertTrue(transport.disconnecting or transport.disconnected)
+
     def test_a_proxy_that_hangs_up_fails_the_attempt(self):
         tunnel, transport, opened, inner = _tunnel()
         tunnel.dataReceived(b"HTTP/1.1 200 OK\r\n")
