@@ -68,6 +68,18 @@ def default_endpoint(region: str) -> str:
     return f"https://s3.{region}.amazonaws.com" + (".cn" if region.startswith("cn-") else "")
 
 
+def location_constraint(endpoint: str, region: str) -> Optional[bytes]:
+    """The CreateBucket body AWS needs outside us-east-1 (the region the
+    bucket is made in); None for us-east-1 and for other services, which
+    take their own region or ignore it (Ceph refuses one it does not know)."""
+    host = (urlsplit(endpoint).hostname or "").lower()
+    if region == "us-east-1" or not host.endswith((".amazonaws.com", ".amazonaws.com.cn")):
+        return None
+    return (f'<CreateBucketConfiguration xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+            f"<LocationConstraint>{xml_escape(region)}</LocationConstraint>"
+            f"</CreateBucketConfiguration>").encode()
+
+
 def host_header(url: str) -> str:
     """The Host a request to C{url} carries (the port only when not the
     scheme's default), as Twisted's Agent and botocore's signer both derive it."""
@@ -844,7 +856,9 @@ class S3Backend:
         raise UpstreamError(response.code, f"HTTP{response.code}", "HEAD bucket failed")
 
     async def create_bucket(self, bucket: str) -> bool:
-        response = await self.client.request("PUT", bucket, idempotent=False)
+        response = await self.client.request("PUT", bucket, idempotent=False,
+                                             body=location_constraint(self.client.endpoint,
+                                                                      self.client.region))
         if response.code == 200:
             await treq.content(response)
             return True

@@ -17,7 +17,8 @@ from twisted.trial import unittest
 from dgproxy.auth.sigv4 import AuthFailure, SignedRequest, verify
 from dgproxy.s3 import errors
 from dgproxy.storage.credentials import BackendCredentials
-from dgproxy.storage.s3 import S3Client, default_endpoint, in_flight, upstream_part_size
+from dgproxy.storage.s3 import (
+    S3Client, default_endpoint, in_flight, location_constraint, upstream_part_size)
 
 AWS = "https://s3.eu-central-1.amazonaws.com"
 
@@ -62,6 +63,15 @@ class AddressingTests(unittest.TestCase):
         plain = client(False, "http://minio.internal:9000")
         self.assertEqual(plain.url("acme.releases", "a.zip"),
                          "http://acme.releases.minio.internal:9000/a.zip")
+
+    def test_buckets_made_on_aws_outside_us_east_1_name_their_region(self):
+        body = location_constraint("https://s3.eu-central-1.amazonaws.com", "eu-central-1")
+        self.assertIn(b"<LocationConstraint>eu-central-1</LocationConstraint>", body)
+        self.assertIsNotNone(location_constraint("https://s3.cn-north-1.amazonaws.com.cn",
+                                                 "cn-north-1"))
+        self.assertIsNone(location_constraint("https://s3.us-east-1.amazonaws.com", "us-east-1"))
+        self.assertIsNone(location_constraint("http://127.0.0.1:8333", "eu-central-1"))
+        self.assertIsNone(location_constraint("https://ceph.internal", "default"))
 
     def test_default_endpoint_is_the_regions(self):
         self.assertEqual(default_endpoint("eu-central-1"), "https://s3.eu-central-1.amazonaws.com")
