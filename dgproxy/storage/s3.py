@@ -32,7 +32,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import (
-    Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, HTTPConnectionPool, ProxyAgent,
+    Agent, FileBodyProducer, HTTPConnectionPool, ProxyAgent,
     RequestTransmissionFailed, ResponseDone, ResponseNeverReceived, _HTTP11ClientFactory)
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
@@ -47,6 +47,7 @@ from dgproxy.storage.interface import (
 from dgproxy.storage.metadata import (
     DELTA_SUFFIX, REFERENCE_NAME, ObjectMetadata, from_s3_headers, to_s3_headers)
 from dgproxy.storage.proxies import TunnelEndpoint, check_proxies, proxy_for
+from dgproxy.storage.trust import Trust
 from dgproxy.streams import BodyStream, BytesSource, PauseGate, SliceSource
 from dgproxy.wire import feed_head_apart, parse_http_date
 
@@ -209,12 +210,12 @@ class _Endpoints:
     factory builds a new one for every request. An https:// host that
     C{HTTPS_PROXY} applies to is reached through a tunnel of that proxy."""
 
-    def __init__(self, reactor, connect_timeout: float,
+    def __init__(self, reactor, connect_timeout: float, trust: Trust,
                  environment: Optional[Mapping[str, str]] = None):
         self._reactor = reactor
         self._timeout = connect_timeout
         self._environment = environment
-        self._tls = BrowserLikePolicyForHTTPS()
+        self._tls = trust.policy
         self._made: dict[tuple, object] = {}
 
     def endpointForURI(self, uri):
@@ -294,7 +295,8 @@ class S3Client:
                  credentials: BackendCredentials, path_style: bool = True,
                  connect_timeout: float = 10.0, read_timeout: float = 10.0, retries: int = 3,
                  environment: Optional[Mapping[str, str]] = None):
-        """C{environment}: where the proxy variables are read (the process's own by default)."""
+        """C{environment}: where the proxy and CA bundle variables are read
+        (the process's own by default)."""
         self.reactor = reactor
         self.name = name
         self.endpoint = endpoint.rstrip("/")
@@ -312,8 +314,9 @@ class S3Client:
         # The Agent itself, not treq.request: treq wraps every request in
         # cookie, redirect and gzip-decoding agents; the last would unzip an
         # object stored with Content-Encoding: gzip and corrupt the bytes.
+        self.trust = Trust(os.environ if environment is None else environment)
         self.agent = Agent.usingEndpointFactory(
-            reactor, _Endpoints(reactor, connect_timeout, environment), pool=self.pool)
+            reactor, _Endpoints(reactor, connect_timeout, self.trust, environment), pool=self.pool)
         self._environment = environment
         check_proxies(environment)
         self.proxy = proxy_for(urlsplit(self.endpoint).scheme, urlsplit(self.endpoint).hostname
@@ -1283,7 +1286,8 @@ def probe_blocking(client: S3Client, timeout: float = 10.0) -> bool:
     headers = {k: v[0] for k, v in client._signed_headers("GET", url, {}).items()}
     request = urllib.request.Request(url, headers=headers, method="GET")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout,
+                                    context=client.trust.ssl_context()) as response:
             response.read()
             return True
     except urllib.error.HTTPError as e:

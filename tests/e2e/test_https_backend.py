@@ -8,10 +8,13 @@ check alike). Without it the backend's certificate is refused at start-up.
 
 from __future__ import annotations
 
+import os
+
 from twisted.trial import unittest
 
 from tests.e2e.harness import ProxyProcess
 from tests.e2e.seaweed import Seaweed
+from tests.tls import server_cert
 from tests.e2e.test_s3_backend import (ClassFixture, etag, list_all, random_bytes,
                                        stored_objects, tar_versions)
 
@@ -103,3 +106,31 @@ class HttpsBackendTests(ClassFixture, unittest.TestCase):
         self.assertIn(f"S3 backend 'default' at {self.weed.https_endpoint} failed its start-up "
                       f"check", log)
         self.assertIn("CERTIFICATE_VERIFY_FAILED", log.upper().replace(" ", "_"))
+
+    def test_aws_ca_bundle_is_the_only_trust(self):
+        """AWS_CA_BUNDLE, the AWS tools' variable, names the authorities to
+        trust in place of the system's (and SSL_CERT_FILE's): with the
+        backend's CA in it dgproxy starts and serves; a bundle of another CA,
+        or one that cannot be read, stops it at start-up."""
+        proxy = ProxyProcess(env={**https_env(self.weed, trust=False),
+                                  "AWS_CA_BUNDLE": self.weed.ca_file})
+        proxy.env.pop("SSL_CERT_FILE", None)
+        proxy.env.pop("SSL_CERT_DIR", None)
+        self.addCleanup(proxy.cleanup)
+        proxy.start()
+        s3 = proxy.client()
+        s3.put_object(Bucket=self.bucket, Key="bundle/a.txt", Body=b"trusted by bundle")
+        got = s3.get_object(Bucket=self.bucket, Key="bundle/a.txt")["Body"].read()
+        self.assertEqual(got, b"trusted by bundle")
+
+        other = os.path.join(proxy.workdir, "other-ca.pem")
+        with open(other, "wb") as f:
+            f.write(server_cert().ca_pem)
+        missing = os.path.join(proxy.workdir, "missing.pem")
+        for bundle, said in ((other, "certificate verify failed"),
+                             (missing, f"AWS_CA_BUNDLE {missing}: No such file or directory")):
+            refused = ProxyProcess(env={**https_env(self.weed, trust=True),
+                                        "AWS_CA_BUNDLE": bundle})
+            self.addCleanup(refused.cleanup)
+            self.assertNotEqual(refused.start_refused(), 0)
+            self.assertIn(said, refused.log())
