@@ -180,9 +180,10 @@ def check_key_ids(rings: list[KeyRing], explicit: dict[str, Optional[str]]) -> N
         seen[ring.key_id] = ring
 
 
-def build_backends(config: Config, spool: Spool):
+def build_backends(config: Config, spool: Spool, metrics: Optional[Metrics] = None):
     """Every configured backend, checked, behind a router when there are
-    several or any bucket is routed; returns (backend, start-up log lines)."""
+    several or any bucket is routed; returns (backend, start-up log lines).
+    S3 backends report their requests into C{metrics}."""
     backends = {}
     lines = []
     rings = []
@@ -224,6 +225,8 @@ def build_backends(config: Config, spool: Spool):
                                   read_timeout=config.s3_read_timeout_secs)
             except ValueError as e:
                 raise Fatal(f"S3 backend '{bc.name}': {e}") from None
+            if metrics is not None:
+                client.report = metrics.backend(bc.name)
             try:
                 listed = probe_blocking(client, timeout=client.connect_timeout)
             except StorageError as e:
@@ -294,11 +297,11 @@ def build(config: Config) -> DrainingService:
         spool_swept = spool.prepare()
     except OSError as e:
         raise Fatal(f"Cannot use spool directory {spool.directory}: {e.strerror}") from None
-    backend, descriptions = build_backends(config, spool)
-    codec = Codec(reactor, config.codec_concurrency)
-    cache = ReferenceCache(config.cache_mb * 1024 * 1024)
     default_type = next(b.type for b in config.backends if b.name == config.default_backend_name)
     metrics = Metrics(default_type)
+    backend, descriptions = build_backends(config, spool, metrics)
+    codec = Codec(reactor, config.codec_concurrency)
+    cache = ReferenceCache(config.cache_mb * 1024 * 1024)
     store = ObjectStore(backend, config.max_object_size, DeltaPolicy.from_config(config), codec,
                         References(backend, cache, spool), spool, PrometheusEngineStats(metrics))
     authenticator = Authenticator(config.access_key_id, config.secret_access_key,

@@ -74,6 +74,16 @@ class Metrics:
         self.auth_failures = Counter(
             "deltaglider_auth_failures", "SigV4 authentication failures by reason.", ["reason"],
             registry=r)
+        self.backend_requests = Counter(
+            "deltaglider_backend_requests", "Requests to S3 backends by backend, method and "
+            "status: the answer's HTTP status, or unreachable / timeout.",
+            ["backend", "method", "status"], registry=r)
+        self.backend_duration = Histogram(
+            "deltaglider_backend_request_duration_seconds", "Time from sending a request to an "
+            "S3 backend to the head of its answer.", ["backend", "method"], registry=r)
+        self.backend_retries = Counter(
+            "deltaglider_backend_retries", "Idempotent S3 backend requests sent again, by reason.",
+            ["backend", "reason"], registry=r)
         self._auth_success = self.auth_attempts.labels("success")
         self._per_request: dict[tuple, tuple] = {}
         self._sources = None
@@ -103,6 +113,11 @@ class Metrics:
         request_size.observe(received)
         response_size.observe(sent)
 
+    # -- S3 backends -----------------------------------------------------------
+    def backend(self, name: str) -> "BackendReport":
+        """What S3 backend C{name}'s client reports into (its C{report})."""
+        return BackendReport(self, name)
+
     # -- auth ------------------------------------------------------------------
     def auth_ok(self) -> None:
         self._auth_success.inc()
@@ -113,6 +128,38 @@ class Metrics:
 
 
 _METHODS = {"GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH"}
+
+
+class BackendReport:
+    """One S3 backend's requests, answers and retries as metrics (the
+    methods of the S3 client's C{UpstreamReport})."""
+
+    def __init__(self, metrics: Metrics, backend: str):
+        self._m = metrics
+        self._backend = backend
+        self._children: dict[tuple, tuple] = {}
+
+    def _series(self, method: str, status: str) -> tuple:
+        key = (method, status)
+        children = self._children.get(key)
+        if children is None:  # labels() locks on every call: once per combination
+            children = self._children[key] = (
+                self._m.backend_requests.labels(self._backend, method, status),
+                self._m.backend_duration.labels(self._backend, method))
+        return children
+
+    def answered(self, method: str, status: int, seconds: float) -> None:
+        count, duration = self._series(method, str(status))
+        count.inc()
+        duration.observe(seconds)
+
+    def failed(self, method: str, why: str, seconds: float) -> None:
+        count, duration = self._series(method, why)
+        count.inc()
+        duration.observe(seconds)
+
+    def retried(self, reason: str) -> None:
+        self._m.backend_retries.labels(self._backend, reason).inc()
 
 
 class PrometheusEngineStats(EngineStats):

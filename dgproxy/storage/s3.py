@@ -30,6 +30,7 @@ from twisted.internet import defer, error as net_error, task
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import (
     Agent, FileBodyProducer, HTTPConnectionPool, ProxyAgent,
@@ -288,6 +289,19 @@ def _jittered(delay: float) -> float:
     return delay * (0.5 + random.random())
 
 
+class UpstreamReport:
+    """What an S3 client tells of its requests, for metrics: nothing, here."""
+
+    def answered(self, method: str, status: int, seconds: float) -> None:
+        """An answer's head arrived C{seconds} after the request went."""
+
+    def failed(self, method: str, why: str, seconds: float) -> None:
+        """No answer: C{why} is "unreachable" or "timeout"."""
+
+    def retried(self, reason: str) -> None:
+        """An idempotent request is sent again ("unreachable", "status_503", ...)."""
+
+
 class S3Client:
     """Signed requests to one S3 endpoint, with retries for idempotent calls."""
 
@@ -323,6 +337,7 @@ class S3Client:
                                or "", environment)
         self._http_proxies: dict[str, ProxyAgent] = {}  # by proxy URL
         self._http_routes: dict[str, tuple] = {}  # http:// host -> (Agent, proxy credentials)
+        self.report = UpstreamReport()  # service.py puts the metrics' in
 
     def keys_accepted(self, error: UpstreamError) -> bool:
         """A refusal that proves the service took our signature: keys scoped
@@ -413,10 +428,28 @@ class S3Client:
         signed = self._signed_headers(method, url, headers)
         d = self._agent_for(url, signed).request(method.encode("ascii"), url.encode("ascii"),
                                                  Headers(signed), body)
+        started, timed_out = self.reactor.seconds(), []
+
+        def reported(result):
+            seconds = self.reactor.seconds() - started
+            if not isinstance(result, Failure):
+                self.report.answered(method, result.code, seconds)
+            elif timed_out:
+                self.report.failed(method, "timeout", seconds)
+            elif not result.check(defer.CancelledError):  # cancelled: the client went away
+                self.report.failed(method, "unreachable", seconds)
+            return result
+
+        d.addBoth(reported)
+
+        def give_up():
+            timed_out.append(True)
+            d.cancel()
+
         if timeout is None:
             return d
         if progress is None:
-            timer = self.reactor.callLater(timeout, d.cancel)
+            timer = self.reactor.callLater(timeout, give_up)
 
             def stop():
                 if timer.active():
@@ -429,7 +462,7 @@ class S3Client:
                 if moved != seen[0]:
                     seen[0], seen[1] = moved, now
                 elif now - seen[1] >= timeout:
-                    d.cancel()
+                    give_up()
 
             watchdog = task.LoopingCall(check)
             watchdog.clock = self.reactor
@@ -486,6 +519,7 @@ class S3Client:
                     log.error("S3 backend '{backend}' at {endpoint} unreachable: {error}",
                               backend=self.name, endpoint=self.endpoint, error=_reason(e))
                     raise BackendUnavailable(self.name, _reason(e)) from None
+                self.report.retried("unreachable")
                 await task.deferLater(self.reactor, _jittered(delay), lambda: None)
                 delay *= 2
                 continue
@@ -493,6 +527,7 @@ class S3Client:
                 if body_path is not None:
                     f.close()
             if response.code >= 500 and attempt < attempts:
+                self.report.retried(f"status_{response.code}")
                 await treq.content(response)
                 await task.deferLater(self.reactor, _jittered(delay), lambda: None)
                 delay *= 2

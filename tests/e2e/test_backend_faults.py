@@ -21,6 +21,7 @@ from twisted.trial import unittest
 
 from tests.e2e.harness import ProxyProcess
 from tests.e2e.test_native_sse import FAKE_ACCESS_KEY, FAKE_SECRET, FakeS3
+from tests.e2e.test_observability import scrape
 from tests.e2e.test_routing import routing_yaml
 from tests.e2e.test_s3_backend import (
     ClassFixture, WeedServer, etag, list_all, random_bytes, s3_error, stored_objects,
@@ -125,10 +126,18 @@ class BackendOutageTests(ClassFixture, unittest.TestCase):
         self.assertEqual(set(before), {"plain.dat", "rel/reference.bin", "rel/app-1.tar.delta",
                                        "rel/app-2.tar.delta"})
         log_mark = len(self.proxy.log())
+        metrics_before = scrape(self.proxy)
 
         self.weed.stop()
 
         self.assertOutage(s3.get_object, Bucket="remote", Key="plain.dat")
+        metrics_after = scrape(self.proxy)
+        for name, labels in (("deltaglider_backend_requests_total",
+                              dict(backend="weed", method="GET", status="unreachable")),
+                             ("deltaglider_backend_retries_total",
+                              dict(backend="weed", reason="unreachable"))):
+            self.assertGreaterEqual(metrics_after.total(name, **labels)
+                                    - metrics_before.total(name, **labels), 1, name)
         self.assertOutage(s3.get_object, Bucket="remote", Key="rel/app-2.tar")
         self.assertOutage(s3.head_object, Bucket="remote", Key="plain.dat")
         self.assertOutage(s3.list_objects_v2, Bucket="remote")
@@ -374,6 +383,27 @@ class UpstreamErrorTests(unittest.TestCase):
         del self.fake.fails["hot.dat"]
         self.s3.put_object(Bucket="upstream-errors", Key="hot.dat", Body=b"cool")
         self.assertEqual(self.s3.get_object(Bucket="upstream-errors", Key="hot.dat")["Body"].read(), b"cool")
+
+    def test_metrics_tell_upstream_throttling_from_dgproxys_own(self):
+        """The seed's "503 SlowDown on PUT" page says the 503 comes from the
+        service: the backend metrics show it, with dgproxy's retries."""
+        before = scrape(self.proxy)
+        self.s3.put_object(Bucket="upstream-errors", Key="fine.dat", Body=b"fine")
+        self.fake.fails["hot.dat"] = (503, "SlowDown", "Please reduce your request rate.")
+        self.assertEqual(s3_error(self.s3.get_object, Bucket="upstream-errors", Key="hot.dat"),
+                         (503, "SlowDown"))
+        after = scrape(self.proxy)
+
+        def moved(name, **labels):
+            return after.total(name, **labels) - before.total(name, **labels)
+
+        requests = "deltaglider_backend_requests_total"
+        self.assertEqual(moved(requests, backend="default", method="GET", status="503"), 3)
+        self.assertGreaterEqual(moved(requests, backend="default", method="PUT", status="200"), 1)
+        self.assertEqual(moved("deltaglider_backend_retries_total", backend="default",
+                               reason="status_503"), 2)
+        self.assertGreaterEqual(moved("deltaglider_backend_request_duration_seconds_count",
+                                      backend="default", method="GET"), 3)
 
     def test_an_error_about_the_request_keeps_its_status_and_code(self):
         self.fake.fails["odd.dat"] = (400, "InvalidRequest", "The service will not take this key")
