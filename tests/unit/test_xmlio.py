@@ -12,6 +12,7 @@ import os
 import xml.etree.ElementTree as ET
 from datetime import datetime, timedelta, timezone
 from urllib.parse import unquote
+from xml.sax.saxutils import escape
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.trial import unittest
@@ -257,3 +258,20 @@ class RenderTests(unittest.TestCase):
     def test_el_escapes_any_value(self, value):
         root = ET.fromstring(xmlio.document("R", xmlio.el("V", value)))
         self.assertEqual(root.find(NS + "V").text or "", value)
+
+
+class FastFormattingTests(unittest.TestCase):
+    """The hand-made formats a listing uses per key equal the library ones."""
+
+    @given(st.datetimes(min_value=datetime(1000, 1, 2), max_value=datetime(9999, 12, 30),
+                        timezones=st.sampled_from([timezone.utc, timezone(timedelta(hours=2)),
+                                                   timezone(timedelta(hours=-9, minutes=-30))])))
+    def test_iso8601_is_strftimes(self, when):
+        """(glibc's %Y drops the zeros of years before 1000; ours keeps four digits.)"""
+        utc = when.astimezone(timezone.utc)
+        self.assertEqual(xmlio.iso8601(when), utc.strftime("%Y-%m-%dT%H:%M:%S.")
+                         + f"{utc.microsecond // 1000:03d}Z")
+
+    @given(st.text())
+    def test_xml_text_is_escapes(self, text):
+        self.assertEqual(xmlio.xml_text(text), escape(text, {"\r": "&#13;"}))
