@@ -275,7 +275,10 @@ class DgProxy(Server):
         self.extra_env = dict(extra_env or {})
 
     def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("DGP_", "AWS_"))}
+        # Nothing of the caller's AWS chain or outbound proxy: the bench times
+        # dgproxy talking to the SeaweedFS beside it.
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("DGP_", "AWS_")) and not k.lower().endswith("_proxy")}
         env.update({
             "DGP_LISTEN_ADDR": f"127.0.0.1:{self.port}",
             "DGP_DATA_DIR": self.data_dir,
