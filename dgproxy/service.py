@@ -40,7 +40,8 @@ from dgproxy.storage.encrypting import EncryptingBackend, KeyRing, derive_key_id
 from dgproxy.storage.filesystem import FilesystemBackend, XattrUnsupported
 from dgproxy.storage.interface import StorageError
 from dgproxy.storage.routing import RoutingBackend
-from dgproxy.storage.s3 import S3Backend, S3Client, default_endpoint, probe_blocking
+from dgproxy.storage.s3 import S3Backend
+from dgproxy.storage.s3client import S3Client, default_endpoint, probe_blocking
 from dgproxy.sockets import tune_tcp
 
 log = Logger(namespace="dgproxy")

@@ -13,7 +13,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from dgproxy.storage.credentials import BackendCredentials, CredentialsUnavailable
-from dgproxy.storage.s3 import S3Client
+from dgproxy.storage.s3client import S3Client
 
 
 def _expiring(minutes: float) -> str:

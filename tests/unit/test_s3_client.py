@@ -17,8 +17,8 @@ from twisted.trial import unittest
 from dgproxy.auth.sigv4 import AuthFailure, SignedRequest, verify
 from dgproxy.s3 import errors
 from dgproxy.storage.credentials import BackendCredentials
-from dgproxy.storage.s3 import (
-    S3Client, default_endpoint, in_flight, location_constraint, upstream_part_size)
+from dgproxy.storage.s3 import in_flight, upstream_part_size
+from dgproxy.storage.s3client import S3Client, default_endpoint, location_constraint
 
 AWS = "https://s3.eu-central-1.amazonaws.com"
 

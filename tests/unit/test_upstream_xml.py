@@ -1,4 +1,4 @@
-"""Parsing an S3 service's XML answers (dgproxy.storage.s3.parse_xml).
+"""Parsing an S3 service's XML answers (dgproxy.storage.s3client.parse_xml).
 
 The answers come over the network from a service dgproxy does not control:
 whatever arrives, parsing either gives the document or raises ParseError,
@@ -12,7 +12,7 @@ import xml.etree.ElementTree as ET
 from hypothesis import given, strategies as st
 from twisted.trial import unittest
 
-from dgproxy.storage.s3 import parse_xml
+from dgproxy.storage.s3client import parse_xml
 
 LISTING = (b'<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult xmlns='
            b'"http://s3.amazonaws.com/doc/2006-03-01/"><Name>b</Name><IsTruncated>false'
