@@ -35,62 +35,8 @@ sys.path.insert(0, HERE)
 import run as B  # noqa: E402  (the bench's process helpers and client)
 from s3client import S3Client  # noqa: E402
 
-RELAY = r'''
-import sys
-from twisted.internet import protocol, reactor
-from dgproxy.service import tune_allocator
-from dgproxy.sockets import tune_tcp
-tune_allocator()
-tune_tcp()
-UPSTREAM = int(sys.argv[2])
-
-class Up(protocol.Protocol):
-    def __init__(self, down):
-        self.down, self.head, self.left = down, b"", None
-    def connectionMade(self):
-        self.transport.setTcpNoDelay(True)
-        self.down.up = self
-        self.down.flush()
-    def dataReceived(self, data):
-        if self.left is None:
-            self.head += data
-            end = self.head.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head, data, self.head = self.head[:end + 4], self.head[end + 4:], b""
-            self.left = 0
-            for line in head.split(b"\r\n"):
-                if line.lower().startswith(b"content-length:"):
-                    self.left = int(line.split(b":")[1])
-            self.down.transport.write(head)
-        self.left -= len(data)
-        self.down.transport.write(data)
-        if self.left <= 0:
-            self.left = None
-
-class Down(protocol.Protocol):
-    up = None
-    def connectionMade(self):
-        self.pending = b""
-        self.transport.setTcpNoDelay(True)
-        protocol.ClientCreator(reactor, Up, self).connectTCP("127.0.0.1", UPSTREAM)
-    def dataReceived(self, data):
-        self.pending += data
-        self.flush()
-    def flush(self):
-        if self.up is not None and self.pending:
-            self.up.transport.write(self.pending)
-            self.pending = b""
-
-factory = protocol.ServerFactory()
-factory.protocol = Down
-reactor.listenTCP(int(sys.argv[1]), factory, interface="127.0.0.1")
-reactor.run()
-'''
-
-
-LEAN = r'''
-import sys, time, hashlib, hmac
+PROXY = r'''
+import sys, time, hashlib
 from datetime import datetime, timezone
 from twisted.internet import protocol, reactor
 from dgproxy.service import tune_allocator
@@ -98,10 +44,13 @@ from dgproxy.sockets import tune_tcp
 from dgproxy.auth import sigv4
 tune_allocator()
 tune_tcp()
-UPSTREAM, KEY, SECRET, REGION, LOG = int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
-HOST = f"127.0.0.1:{UPSTREAM}"
-SIGNED = "host;x-amz-content-sha256;x-amz-date"
-access_log = open(LOG, "a", buffering=65536)
+MODE, PORT, UPSTREAM = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+LEAN = MODE == "lean"
+if LEAN:
+    KEY, SECRET, REGION, LOG = sys.argv[4:8]
+    HOST = f"127.0.0.1:{UPSTREAM}"
+    SIGNED = "host;x-amz-content-sha256;x-amz-date"
+    access_log = open(LOG, "a", buffering=65536)
 
 def signed_get(path):
     amz = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -114,6 +63,21 @@ def signed_get(path):
     return (f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nx-amz-content-sha256: UNSIGNED-PAYLOAD\r\n"
             f"x-amz-date: {amz}\r\nAuthorization: AWS4-HMAC-SHA256 Credential={KEY}/{scope}, "
             f"SignedHeaders={SIGNED}, Signature={signature}\r\n\r\n").encode()
+
+def response_head(head):
+    # (the head to send on, the body's length). The bare relay sends the
+    # service's head as it came; the lean proxy rebuilds it.
+    lines = head.split(b"\r\n")
+    fields = dict((k.strip().lower(), v.strip())
+                  for k, _, v in (line.partition(b":") for line in lines[1:]))
+    size = int(fields.get(b"content-length", b"0"))
+    if not LEAN:
+        return head + b"\r\n\r\n", size
+    out = [lines[0]] + [k + b": " + fields[k] for k in
+                        (b"content-length", b"etag", b"last-modified", b"content-type")
+                        if k in fields]
+    out.append(b"Date: " + time.strftime("%a, %d %b %Y %H:%M:%S GMT").encode())
+    return b"\r\n".join(out) + b"\r\n\r\n", size
 
 class Up(protocol.Protocol):
     def __init__(self, down):
@@ -129,22 +93,17 @@ class Up(protocol.Protocol):
             if end < 0:
                 return
             head, data, self.head = self.head[:end], self.head[end + 4:], b""
-            lines = head.split(b"\r\n")
-            fields = dict((k.strip().lower(), v.strip())
-                          for k, _, v in (line.partition(b":") for line in lines[1:]))
-            self.left = self.size = int(fields.get(b"content-length", b"0"))
-            out = [lines[0]] + [k + b": " + fields[k] for k in
-                                (b"content-length", b"etag", b"last-modified", b"content-type")
-                                if k in fields]
-            out.append(b"Date: " + time.strftime("%a, %d %b %Y %H:%M:%S GMT").encode())
-            self.down.transport.write(b"\r\n".join(out) + b"\r\n\r\n")
+            head, self.left = response_head(head)
+            self.size = self.left
+            self.down.transport.write(head)
         self.left -= len(data)
         self.down.transport.write(data)
         if self.left <= 0:
             self.left = None
-            d = self.down
-            access_log.write(f"GET {d.path} 200 0/{self.size} "
-                             f"{(time.monotonic() - d.started) * 1000:.1f}ms {d.key}\n")
+            if LEAN:
+                d = self.down
+                access_log.write(f"GET {d.path} 200 0/{self.size} "
+                                 f"{(time.monotonic() - d.started) * 1000:.1f}ms {d.key}\n")
 
 class Down(protocol.Protocol):
     up = None
@@ -153,10 +112,17 @@ class Down(protocol.Protocol):
         self.transport.setTcpNoDelay(True)
         protocol.ClientCreator(reactor, Up, self).connectTCP("127.0.0.1", UPSTREAM)
     def dataReceived(self, data):
+        if LEAN:
+            data = self.authenticated(data)
+        self.pending += data
+        self.flush()
+    def authenticated(self, data):
+        # The upstream GET for a request whose signature holds (b"" until
+        # its head is complete).
         self.buffered += data
         end = self.buffered.find(b"\r\n\r\n")
         if end < 0:
-            return
+            return b""
         head, self.buffered = self.buffered[:end].decode("latin-1"), self.buffered[end + 4:]
         self.started = time.monotonic()
         lines = head.split("\r\n")
@@ -169,8 +135,7 @@ class Down(protocol.Protocol):
         request = sigv4.SignedRequest(method, self.path.encode(), query.encode(), fields)
         self.key = sigv4.verify(request, lambda k: SECRET if k == KEY else None,
                                 datetime.now(timezone.utc), 900).access_key_id
-        self.pending = signed_get(self.path)
-        self.flush()
+        return signed_get(self.path)
     def flush(self):
         if self.up is not None and self.pending:
             self.up.transport.write(self.pending)
@@ -178,7 +143,7 @@ class Down(protocol.Protocol):
 
 factory = protocol.ServerFactory()
 factory.protocol = Down
-reactor.listenTCP(int(sys.argv[1]), factory, interface="127.0.0.1")
+reactor.listenTCP(PORT, factory, interface="127.0.0.1")
 reactor.run()
 '''
 
@@ -198,10 +163,10 @@ def main() -> int:
         dgproxy.start()
         ports = {"bare relay": B.free_port(), "lean proxy": B.free_port()}
         proxies["bare relay"] = subprocess.Popen(
-            [sys.executable, "-c", RELAY, str(ports["bare relay"]), str(weed.port)])
+            [sys.executable, "-c", PROXY, "bare", str(ports["bare relay"]), str(weed.port)])
         proxies["lean proxy"] = subprocess.Popen(
-            [sys.executable, "-c", LEAN, str(ports["lean proxy"]), str(weed.port), B.ACCESS_KEY,
-             B.SECRET_KEY, B.REGION, os.path.join(workdir, "access.log")])
+            [sys.executable, "-c", PROXY, "lean", str(ports["lean proxy"]), str(weed.port),
+             B.ACCESS_KEY, B.SECRET_KEY, B.REGION, os.path.join(workdir, "access.log")])
         ports["dgproxy"] = dgproxy.port
         time.sleep(1.5)
         source = os.path.join(workdir, "source")
