@@ -81,6 +81,7 @@ class Config:
     max_object_size: int = 5 * 1024**3
     delta_extensions: tuple[str, ...] = DEFAULT_DELTA_EXTENSIONS
     cache_mb: int = 100
+    metadata_cache_mb: int = 50
     codec_concurrency: int = max(4 * (os.cpu_count() or 1), 4)
     max_multipart_uploads: int = 1000
     multipart_idle_ttl_hours: int = 24
@@ -168,6 +169,7 @@ _ADVANCED = {
     "max_object_size": ("max_object_size", int),
     "max_delta_object_size": ("max_delta_object_size", int),
     "cache_size_mb": ("cache_mb", int),
+    "metadata_cache_mb": ("metadata_cache_mb", int),
     "codec_concurrency": ("codec_concurrency", int),
     "log_level": ("log_level", str),
     "log_format": ("log_format", str),
@@ -180,7 +182,7 @@ _ADVANCED = {
     "drain_timeout_secs": ("drain_timeout_secs", int),
     "virtual_host_domains": ("virtual_host_domains", "list"),
 }
-_IGNORED_ADVANCED = {"metadata_cache_mb", "blocking_threads", "tls", "event_delivery",
+_IGNORED_ADVANCED = {"blocking_threads", "tls", "event_delivery",
                      "config_sync_object_key", "max_passthrough_object_size"}
 
 # env var -> (Config field, converter)
@@ -193,6 +195,7 @@ _ENV = {
     "DGP_BOOTSTRAP_PASSWORD_HASH": ("bootstrap_password_hash", str),
     "DGP_CLOCK_SKEW_SECONDS": ("clock_skew_seconds", int),
     "DGP_CACHE_MB": ("cache_mb", int),
+    "DGP_METADATA_CACHE_MB": ("metadata_cache_mb", int),
     "DGP_CODEC_CONCURRENCY": ("codec_concurrency", int),
     "DGP_MAX_MULTIPART_UPLOADS": ("max_multipart_uploads", int),
     "DGP_MULTIPART_IDLE_TTL_HOURS": ("multipart_idle_ttl_hours", int),
@@ -502,6 +505,8 @@ def _validated(cfg: Config) -> Config:
                         ("DGP_S3_READ_TIMEOUT_SECS", cfg.s3_read_timeout_secs)):
         if value < 1:
             raise ConfigError(name, cfg.source, "must be at least 1")
+    if cfg.metadata_cache_mb < 0:
+        raise ConfigError("metadata_cache_mb", cfg.source, "must be 0 (no cache) or more")
     return cfg
 
 

@@ -40,6 +40,7 @@ from dgproxy.storage.encrypting import EncryptingBackend, KeyRing, derive_key_id
 from dgproxy.storage.filesystem import FilesystemBackend, XattrUnsupported
 from dgproxy.storage.interface import StorageError
 from dgproxy.storage.routing import RoutingBackend
+from dgproxy.storage.metacache import MetadataCache
 from dgproxy.storage.s3 import S3Backend
 from dgproxy.storage.s3client import S3Client, default_endpoint, probe_blocking
 from dgproxy.sockets import tune_tcp
@@ -188,6 +189,7 @@ def build_backends(config: Config, spool: Spool, metrics: Optional[Metrics] = No
     backends = {}
     lines = []
     rings = []
+    listed_metadata = MetadataCache(config.metadata_cache_mb * 1024 * 1024)
     default = config.default_backend_name
     routes = {}
     for bucket, policy in config.buckets.items():
@@ -237,7 +239,8 @@ def build_backends(config: Config, spool: Spool, metrics: Optional[Metrics] = No
                                           full_list_metadata=ring.key is not None
                                           or ring.legacy_key is not None,
                                           declared=tuple(real for name, real in placed.values()
-                                                         if name == bc.name))
+                                                         if name == bc.name),
+                                          metadata=listed_metadata)
             credentials.start_renewing(reactor, bc.name)
             lines.append(f"Backend '{bc.name}': S3 at {client.endpoint} (region {bc.region}), "
                          f"{credentials.describe()}"

@@ -29,6 +29,7 @@ from zope.interface import implementer
 from dgproxy.storage.interface import (
     AlreadyExists, BackendUnavailable, BucketInfo, BucketMissing, BucketNotEmptyError, ByteRange,
     IBackend, IObjectWriter, StoredObject, UpstreamError, open_span)
+from dgproxy.storage.metacache import MetadataCache
 from dgproxy.storage.metadata import (
     DELTA_SUFFIX, REFERENCE_NAME, ObjectMetadata, from_s3_headers, to_s3_headers)
 from dgproxy.storage.s3client import ResponseSource, S3Client, location_constraint, parse_xml
@@ -268,19 +269,20 @@ class S3Backend:
 
     def __init__(self, client: S3Client, spool, name: Optional[str] = None,
                  native_sse: Optional[dict] = None, full_list_metadata: bool = False,
-                 declared: tuple[str, ...] = ()):
+                 declared: tuple[str, ...] = (), metadata: Optional[MetadataCache] = None):
         """C{native_sse}: {mode: sse-kms|sse-s3, kms_key_id, bucket_key_enabled} to have
         the service encrypt; C{full_list_metadata}: LIST sizes and ETags are not the
         logical ones (proxy-side encryption), so every listed key needs metadata;
         C{declared}: the buckets the config puts here (real names), listed in
-        place of ListBuckets when the keys may not list all buckets."""
+        place of ListBuckets when the keys may not list all buckets;
+        C{metadata}: where listings keep what HEADs found (shared by backends)."""
         self.client = client
         self.spool = spool
         self.name = name or client.name
         self.native_sse = native_sse
         self.full_list_metadata = full_list_metadata
         self.declared = tuple(declared)
-        self._list_meta: dict[tuple, ObjectMetadata] = {}
+        self._list_meta = MetadataCache() if metadata is None else metadata
         self._said_scoped = False
 
     async def _fail(self, response, bucket: Optional[str] = None):
@@ -679,16 +681,14 @@ class S3Backend:
 
         async def fill(i: int) -> None:
             o = objects[i]
-            cache_key = (bucket, o.key, o.etag)
-            meta = self._list_meta.get(cache_key)
+            place = (self.name, bucket, o.key, o.etag or "")
+            meta = self._list_meta.get(place)
             if meta is None:
                 stored = await self.stat(bucket, o.key)
                 if stored is None or stored.metadata is None:
                     return
                 meta = stored.metadata
-                if len(self._list_meta) > 100_000:
-                    self._list_meta.clear()
-                self._list_meta[cache_key] = meta
+                self._list_meta.put(place, meta)
             objects[i] = StoredObject(o.key, o.size, o.modified, meta, etag=o.etag)
 
         await defer.gatherResults(

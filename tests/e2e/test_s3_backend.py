@@ -43,6 +43,7 @@ from tests.e2e.artifacts import make_tar
 from tests.e2e.harness import ProxyProcess
 from tests.e2e.seaweed import Seaweed, _free_weed_ports
 from tests.e2e.test_hostile import RANGES, request
+from tests.e2e.test_observability import scrape
 
 EMPTY_MD5 = "d41d8cd98f00b204e9800998ecf8427e"
 CREATED_AT = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -1009,3 +1010,27 @@ class S3BackendTests(S3BackendCase):
         listing()
         again = self.weed.settled_counts(bucket)
         self.assertLessEqual(again.get("GET", 0) - after_put.get("GET", 0), 1)
+
+
+class ListingMetadataBudgetTests(S3BackendCase):
+    """DGP_METADATA_CACHE_MB bounds what listings remember; 0 remembers nothing."""
+
+    bucket = "dgp-list-budget"
+    proxy_env = {"DGP_METADATA_CACHE_MB": "0"}
+
+    def test_without_a_budget_every_listing_heads_each_delta_again(self):
+        objects = {f"ds/app-{i}.tar": t for i, t in enumerate(tar_versions(3, seed=41), 1)}
+        objects["ds/notes.txt"] = b"plain"
+        for key, data in objects.items():
+            self.put(key, data)
+        deltas = [k for k in self.stored("ds/") if k.endswith(".delta")]
+        self.assertEqual(len(deltas), 3)
+        for _ in range(2):
+            before = scrape(self.proxy)
+            page = self.s3.list_objects_v2(Bucket=self.bucket, Prefix="ds/")
+            heads = scrape(self.proxy).total("deltaglider_backend_requests_total",
+                                             method="HEAD") - before.total(
+                "deltaglider_backend_requests_total", method="HEAD")
+            self.assertEqual({o["Key"]: (o["Size"], o["ETag"]) for o in page["Contents"]},
+                             {k: (len(v), etag(v)) for k, v in objects.items()})
+            self.assertEqual(heads, len(deltas))

@@ -99,6 +99,7 @@ storage:
 advanced:
   listen_addr: "0.0.0.0:9100"
   cache_size_mb: 2048
+  metadata_cache_mb: 200
   codec_concurrency: 8
   log_level: debug
   log_format: json
@@ -117,6 +118,7 @@ advanced:
         self.assertEqual(cfg.data_dir, "/srv/dgproxy")
         self.assertEqual(cfg.listen_host_port, ("0.0.0.0", 9100))
         self.assertEqual(cfg.cache_mb, 2048)
+        self.assertEqual(cfg.metadata_cache_mb, 200)
         self.assertEqual(cfg.codec_concurrency, 8)
         self.assertEqual(cfg.log_level, "debug")
         self.assertEqual(cfg.log_format, "json")
@@ -299,6 +301,7 @@ class EnvironmentTests(unittest.TestCase):
         cases = [
             ("DGP_CLOCK_SKEW_SECONDS", "60", "clock_skew_seconds", 60),
             ("DGP_CACHE_MB", "1024", "cache_mb", 1024),
+            ("DGP_METADATA_CACHE_MB", "0", "metadata_cache_mb", 0),
             ("DGP_CODEC_CONCURRENCY", "3", "codec_concurrency", 3),
             ("DGP_MAX_MULTIPART_UPLOADS", "10", "max_multipart_uploads", 10),
             ("DGP_MULTIPART_IDLE_TTL_HOURS", "2", "multipart_idle_ttl_hours", 2),
@@ -474,6 +477,15 @@ class ValidationTests(unittest.TestCase):
             self.assertRaises(ConfigError, from_mapping,
                               {"advanced": {"max_delta_ratio": ratio}}, "f", {})
         self.assertRaises(ConfigError, from_mapping, {}, "f", {"DGP_MAX_DELTA_RATIO": "2"})
+
+
+    def test_metadata_cache_bounds(self):
+        """50 MB unless set; 0 turns it off; below 0 is an error naming the key."""
+        self.assertEqual(from_mapping({}, "f", {}).metadata_cache_mb, 50)
+        self.assertEqual(from_mapping({"advanced": {"metadata_cache_mb": 0}}, "f", {})
+                         .metadata_cache_mb, 0)
+        e = self.assertRaises(ConfigError, from_mapping, {}, "f", {"DGP_METADATA_CACHE_MB": "-1"})
+        self.assertEqual(e.key, "metadata_cache_mb")
 
 
 class BucketPolicyTests(unittest.TestCase):

@@ -1,0 +1,108 @@
+"""The listing metadata cache of S3 backends (dgproxy.storage.metacache)."""
+
+from __future__ import annotations
+
+import tracemalloc
+from datetime import datetime, timezone
+
+from hypothesis import given, settings, strategies as st
+from twisted.trial import unittest
+
+from dgproxy.storage.metacache import MetadataCache, entry_size
+from dgproxy.storage.metadata import ObjectMetadata
+
+NOW = datetime(2026, 11, 28, tzinfo=timezone.utc)
+
+
+def delta_meta(i: int, user: int = 0) -> ObjectMetadata:
+    sha = f"{i:064x}"
+    return ObjectMetadata(
+        tool="dgproxy/0.1", original_name=f"app-{i}.tar", file_sha256=sha, file_size=10**8 + i,
+        md5=sha[:32], created_at=NOW, note="delta", content_type="application/x-tar",
+        user_metadata={f"key-{j}": f"value-{i}-{j}" for j in range(user)},
+        ref_path="reference.bin", ref_sha256=sha, delta_size=4096,
+        delta_cmd="xdelta3 -e -9 -s reference.bin app.tar app.tar.delta")
+
+
+def place(i: int) -> tuple[str, str, str, str]:
+    return ("default", "releases", f"app/v{i:05d}/app.tar.delta", f"{i:032x}")
+
+
+class MetadataCacheTests(unittest.TestCase):
+    def test_keeps_what_was_put_by_backend_bucket_key_and_etag(self):
+        cache = MetadataCache()
+        cache.put(place(1), delta_meta(1))
+        self.assertEqual(cache.get(place(1)), delta_meta(1))
+        backend, bucket, key, etag = place(1)
+        for other in ((backend, bucket, key, "f" * 32), ("other", bucket, key, etag),
+                      (backend, "other", key, etag), (backend, bucket, key + "x", etag)):
+            self.assertIsNone(cache.get(other), other)
+
+    def test_least_recently_used_go_first_when_the_budget_is_full(self):
+        one = entry_size(place(1), delta_meta(1))
+        cache = MetadataCache(budget_bytes=3 * one + one // 2)
+        for i in (1, 2, 3):
+            cache.put(place(i), delta_meta(i))
+        self.assertIsNotNone(cache.get(place(1)))  # now the most recently used
+        cache.put(place(4), delta_meta(4))
+        self.assertEqual(len(cache), 3)
+        self.assertIsNone(cache.get(place(2)))
+        for i in (1, 3, 4):
+            self.assertEqual(cache.get(place(i)), delta_meta(i))
+        self.assertLessEqual(cache.size, cache.budget)
+
+    def test_putting_a_place_again_replaces_it(self):
+        cache = MetadataCache()
+        cache.put(place(1), delta_meta(1))
+        cache.put(place(1), delta_meta(2, user=3))
+        self.assertEqual(len(cache), 1)
+        self.assertEqual(cache.get(place(1)), delta_meta(2, user=3))
+        self.assertEqual(cache.size, entry_size(place(1), delta_meta(2, user=3)))
+
+    def test_a_zero_budget_keeps_nothing(self):
+        cache = MetadataCache(budget_bytes=0)
+        cache.put(place(1), delta_meta(1))
+        self.assertEqual((len(cache), cache.size), (0, 0))
+        self.assertIsNone(cache.get(place(1)))
+
+    def test_an_entry_larger_than_the_budget_leaves_the_others(self):
+        small = entry_size(place(1), delta_meta(1))
+        cache = MetadataCache(budget_bytes=small + 10)
+        cache.put(place(1), delta_meta(1))
+        cache.put(place(2), delta_meta(2, user=20))
+        self.assertEqual(cache.get(place(1)), delta_meta(1))
+        self.assertIsNone(cache.get(place(2)))
+
+    def test_the_estimate_is_within_a_fifth_of_what_python_allocates(self):
+        """What the budget means: 2,000 entries as listings make them, counted
+        by tracemalloc, against the sum of their estimates."""
+        for user in (0, 8):
+            tracemalloc.start()
+            try:
+                cache = MetadataCache(budget_bytes=10**9)
+                for i in range(2000):
+                    cache.put(place(i), delta_meta(i, user))
+                allocated, _ = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            self.assertTrue(0.8 <= cache.size / allocated <= 1.2,
+                            f"user={user}: estimated {cache.size}, allocated {allocated}")
+
+    @settings(max_examples=200, deadline=None, derandomize=True, database=None)
+    @given(budget=st.integers(0, 20_000),
+           steps=st.lists(st.tuples(st.sampled_from(["put", "get"]), st.integers(0, 15),
+                                    st.integers(0, 6)), max_size=60))
+    def test_size_is_the_sum_of_the_entries_and_within_the_budget(self, budget, steps):
+        cache = MetadataCache(budget_bytes=budget)
+        for op, i, user in steps:
+            if op == "put":
+                cache.put(place(i), delta_meta(i, user))
+                if entry_size(place(i), delta_meta(i, user)) <= budget:
+                    self.assertEqual(cache.get(place(i)), delta_meta(i, user))
+            else:
+                got = cache.get(place(i))
+                self.assertTrue(got is None or got.original_name == f"app-{i}.tar")
+            kept = [cache.get(place(j)) for j in range(16)]
+            self.assertEqual(cache.size, sum(entry_size(place(j), m)
+                                             for j, m in enumerate(kept) if m is not None))
+            self.assertLessEqual(cache.size, budget)
