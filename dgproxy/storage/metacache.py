@@ -3,17 +3,23 @@
 An S3 listing gives each blob's stored size and ETag. The size and ETag a
 client must see for a delta (and, on an encrypted backend, for every blob)
 are in the blob's metadata, which costs a HEAD. Kept here by backend,
-bucket, key and upstream ETag, a repeated listing costs none. A blob that is written again
-gets a new upstream ETag, so an entry is never wrong, only unused.
+bucket, key and upstream ETag, a repeated listing costs none. A blob that is
+written again gets a new upstream ETag, so an entry is never wrong, only
+unused.
 
 The entries' size is estimated, not measured. Once it passes the budget
-(C{DGP_METADATA_CACHE_MB}), the least recently used entries are dropped.
-One cache serves every S3 backend of the process.
+(C{DGP_METADATA_CACHE_MB}), entries chosen at random make room. Not the least
+recently used: listings walk the same keys in the same order again and
+again, and with more keys than fit, dropping the least recently used would
+drop each key just before the next walk needs it (no walk would find any),
+where random choice leaves each walk a share in proportion to the budget.
+Random choice also clears out, in time, the entries of blobs since written
+again. One cache serves every S3 backend of the process.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import random
 from typing import Optional
 
 from dgproxy.storage.metadata import ObjectMetadata
@@ -39,32 +45,48 @@ def entry_size(place: Place, meta: ObjectMetadata) -> int:
 
 
 class MetadataCache:
-    """Least-recently-used blob metadata within a byte budget (0: keep none)."""
+    """Blob metadata within a byte budget (0: keep none), random entries
+    making room."""
 
-    def __init__(self, budget_bytes: int = DEFAULT_MB * 1024 * 1024):
+    def __init__(self, budget_bytes: int = DEFAULT_MB * 1024 * 1024,
+                 choose: Optional[random.Random] = None):
         self.budget = budget_bytes
         self.size = 0
-        self._entries: OrderedDict[Place, tuple[ObjectMetadata, int]] = OrderedDict()
+        self._choose = choose or random.Random()
+        self._entries: dict[Place, tuple[ObjectMetadata, int, int]] = {}  # meta, size, slot
+        self._slots: list[Place] = []  # every place once, for a choice in O(1)
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, place: Place) -> Optional[ObjectMetadata]:
         entry = self._entries.get(place)
-        if entry is None:
-            return None
-        self._entries.move_to_end(place)
-        return entry[0]
+        return None if entry is None else entry[0]
 
     def put(self, place: Place, meta: ObjectMetadata) -> None:
         size = entry_size(place, meta)
         if size > self.budget:
             return
-        old = self._entries.pop(place, None)
-        if old is not None:
+        old = self._entries.get(place)
+        if old is None:
+            self._entries[place] = (meta, size, len(self._slots))
+            self._slots.append(place)
+        else:
+            self._entries[place] = (meta, size, old[2])
             self.size -= old[1]
-        self._entries[place] = (meta, size)
         self.size += size
-        while self.size > self.budget:
-            _, (_, dropped) = self._entries.popitem(last=False)
-            self.size -= dropped
+        while self.size > self.budget:  # never the entry just put: it fits alone
+            slot = self._choose.randrange(len(self._slots))
+            if self._slots[slot] == place:
+                slot = (slot + 1) % len(self._slots)
+            self._drop(slot)
+
+    def _drop(self, slot: int) -> None:
+        """Forget the entry in C{slot}; the last slot's entry moves into it."""
+        place = self._slots[slot]
+        last = self._slots.pop()
+        if last != place:
+            self._slots[slot] = last
+            meta, size, _ = self._entries[last]
+            self._entries[last] = (meta, size, slot)
+        self.size -= self._entries.pop(place)[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import tracemalloc
 from datetime import datetime, timezone
 
@@ -38,18 +39,34 @@ class MetadataCacheTests(unittest.TestCase):
                       (backend, "other", key, etag), (backend, bucket, key + "x", etag)):
             self.assertIsNone(cache.get(other), other)
 
-    def test_least_recently_used_go_first_when_the_budget_is_full(self):
+    def test_a_full_budget_makes_room_and_keeps_the_newest(self):
         one = entry_size(place(1), delta_meta(1))
-        cache = MetadataCache(budget_bytes=3 * one + one // 2)
-        for i in (1, 2, 3):
+        cache = MetadataCache(budget_bytes=3 * one + one // 2, choose=random.Random(7))
+        for i in range(1, 11):
             cache.put(place(i), delta_meta(i))
-        self.assertIsNotNone(cache.get(place(1)))  # now the most recently used
-        cache.put(place(4), delta_meta(4))
-        self.assertEqual(len(cache), 3)
-        self.assertIsNone(cache.get(place(2)))
-        for i in (1, 3, 4):
             self.assertEqual(cache.get(place(i)), delta_meta(i))
-        self.assertLessEqual(cache.size, cache.budget)
+            self.assertLessEqual(cache.size, cache.budget)
+        self.assertEqual(len(cache), 3)
+
+    def test_listings_of_more_than_fits_still_find_a_share(self):
+        """A listing walks the same 1,000 keys each time, with room for 800:
+        dropping the least recently used would find none of them on any walk.
+        Random room-making finds about 600 (the N = 1000·e^-((1000-N)/800)
+        of random replacement on a loop)."""
+        one = entry_size(place(0), delta_meta(0))
+        cache = MetadataCache(budget_bytes=800 * one, choose=random.Random(11))
+        found = []
+        for walk in range(6):
+            hits = 0
+            for i in range(1000):
+                if cache.get(place(i)) is not None:
+                    hits += 1
+                else:
+                    cache.put(place(i), delta_meta(i))
+            found.append(hits)
+        self.assertEqual(found[0], 0)
+        for hits in found[2:]:
+            self.assertTrue(500 <= hits <= 800, found)
 
     def test_putting_a_place_again_replaces_it(self):
         cache = MetadataCache()
