@@ -182,14 +182,17 @@ def check_key_ids(rings: list[KeyRing], explicit: dict[str, Optional[str]]) -> N
         seen[ring.key_id] = ring
 
 
-def build_backends(config: Config, spool: Spool, metrics: Optional[Metrics] = None):
+def build_backends(config: Config, spool: Spool, metrics: Optional[Metrics] = None,
+                   list_metadata: Optional[MetadataCache] = None):
     """Every configured backend, checked, behind a router when there are
     several or any bucket is routed; returns (backend, start-up log lines).
-    S3 backends report their requests into C{metrics}."""
+    S3 backends report their requests into C{metrics} and keep what their
+    listings learn in C{list_metadata} (one budget for all)."""
     backends = {}
     lines = []
     rings = []
-    listed_metadata = MetadataCache(config.metadata_cache_mb * 1024 * 1024)
+    if list_metadata is None:
+        list_metadata = MetadataCache(config.metadata_cache_mb * 1024 * 1024)
     default = config.default_backend_name
     routes = {}
     for bucket, policy in config.buckets.items():
@@ -240,7 +243,7 @@ def build_backends(config: Config, spool: Spool, metrics: Optional[Metrics] = No
                                           or ring.legacy_key is not None,
                                           declared=tuple(real for name, real in placed.values()
                                                          if name == bc.name),
-                                          metadata=listed_metadata)
+                                          metadata=list_metadata)
             credentials.start_renewing(reactor, bc.name)
             lines.append(f"Backend '{bc.name}': S3 at {client.endpoint} (region {bc.region}), "
                          f"{credentials.describe()}"
@@ -303,7 +306,8 @@ def build(config: Config) -> DrainingService:
         raise Fatal(f"Cannot use spool directory {spool.directory}: {e.strerror}") from None
     default_type = next(b.type for b in config.backends if b.name == config.default_backend_name)
     metrics = Metrics(default_type)
-    backend, descriptions = build_backends(config, spool, metrics)
+    list_metadata = MetadataCache(config.metadata_cache_mb * 1024 * 1024)
+    backend, descriptions = build_backends(config, spool, metrics, list_metadata)
     codec = Codec(reactor, config.codec_concurrency)
     cache = ReferenceCache(config.cache_mb * 1024 * 1024)
     store = ObjectStore(backend, config.max_object_size, DeltaPolicy.from_config(config), codec,
@@ -315,7 +319,7 @@ def build(config: Config) -> DrainingService:
     operations.on_bucket_deleted = multipart.forget_bucket
     front = S3Front(authenticator, operations, MultipartOperations(operations, multipart),
                     config.virtual_host_domains, metrics)
-    metrics.watch(cache, codec, multipart)
+    metrics.watch(cache, codec, multipart, list_metadata)
     readiness = Readiness(backend.backends[backend.default] if isinstance(backend, RoutingBackend)
                           else backend)
     front.write_gate = lambda bucket: jobs.blocked(bucket)

@@ -88,9 +88,10 @@ class Metrics:
         self._per_request: dict[tuple, tuple] = {}
         self._sources = None
 
-    def watch(self, cache, codec, multipart) -> None:
-        """Read these at scrape time (reference cache, codec, multipart)."""
-        self._sources = (cache, codec, multipart)
+    def watch(self, cache, codec, multipart, listed) -> None:
+        """Read these at scrape time (reference cache, codec, multipart, the
+        S3 backends' listing metadata)."""
+        self._sources = (cache, codec, multipart, listed)
         self.registry.register(_ScrapeTimeCollector(self))
 
     # -- HTTP ------------------------------------------------------------------
@@ -193,7 +194,7 @@ class _ScrapeTimeCollector:
         self._m = metrics
 
     def collect(self):
-        cache, codec, multipart = self._m._sources
+        cache, codec, multipart, listed = self._m._sources
         yield GaugeMetricFamily("process_peak_rss_bytes", "Peak resident set size.",
                                 value=peak_rss_bytes())
         hits = CounterMetricFamily("deltaglider_cache_hits", "Reference cache hits.")
@@ -214,6 +215,14 @@ class _ScrapeTimeCollector:
         yield GaugeMetricFamily("deltaglider_cache_miss_rate_ratio",
                                 "Misses / lookups since start-up (0-1).",
                                 value=cache.stats.miss_rate)
+        yield GaugeMetricFamily("deltaglider_list_metadata_entries",
+                                "Objects whose metadata S3 backend listings keep.",
+                                value=len(listed))
+        yield GaugeMetricFamily("deltaglider_list_metadata_size_bytes",
+                                "Estimated bytes of that metadata.", value=listed.size)
+        yield GaugeMetricFamily("deltaglider_list_metadata_max_bytes",
+                                "Its budget, DGP_METADATA_CACHE_MB x 1048576.",
+                                value=listed.budget)
         yield GaugeMetricFamily("deltaglider_codec_semaphore_available",
                                 "Free xdelta3 slots (0 = saturated).", value=codec.available)
         yield GaugeMetricFamily("deltaglider_multipart_uploads_inflight",

@@ -1002,6 +1002,10 @@ class S3BackendTests(S3BackendCase):
         self.assertGreaterEqual(warm.get("LIST", 0) - cold.get("LIST", 0), 3)
         self.assertEqual(warm.get("GET", 0) - cold.get("GET", 0), 0,
                          "repeated listings sent HEAD/GET requests to SeaweedFS")
+        kept = scrape(self.proxy)
+        self.assertGreaterEqual(kept.value("deltaglider_list_metadata_entries"), len(deltas))
+        self.assertGreater(kept.value("deltaglider_list_metadata_size_bytes"), 500 * len(deltas))
+        self.assertEqual(kept.value("deltaglider_list_metadata_max_bytes"), 50 * 1048576)
         # A rewritten delta object is looked at again (its upstream ETag changed), alone.
         new = tar_versions(5, seed=16)[4]
         objects["ds/app-2.tar"] = new
@@ -1034,3 +1038,6 @@ class ListingMetadataBudgetTests(S3BackendCase):
             self.assertEqual({o["Key"]: (o["Size"], o["ETag"]) for o in page["Contents"]},
                              {k: (len(v), etag(v)) for k, v in objects.items()})
             self.assertEqual(heads, len(deltas))
+        kept = scrape(self.proxy)
+        self.assertEqual(kept.value("deltaglider_list_metadata_entries"), 0)
+        self.assertEqual(kept.value("deltaglider_list_metadata_max_bytes"), 0)

@@ -317,9 +317,10 @@ def exposed_metric_names() -> set[str]:
     from prometheus_client.parser import text_string_to_metric_families
 
     from dgproxy.observability.metrics import Metrics
+    from dgproxy.storage.metacache import MetadataCache
 
     m = Metrics("filesystem")
-    m.watch(_Cache(), _Codec(), _Multipart())
+    m.watch(_Cache(), _Codec(), _Multipart(), MetadataCache())
     m.request_done("GET", 200, "get_object", 0.01, 0, 10)
     m.auth_failed("invalid_signature")
     names = set()
