@@ -40,12 +40,23 @@ def reference_key(deltaspace: str) -> str:
     return f"{deltaspace}/{REFERENCE_NAME}" if deltaspace else REFERENCE_NAME
 
 
+def may_be_stored_as_delta(key: str) -> bool:
+    """Whether some tool may have stored C{key} as C{key.delta}. dgproxy, the
+    Rust proxy and the Python tool each store a delta only for a file name
+    ending in one of their delta extensions, and every extension starts with
+    a dot: a file name without one is never a delta. (The extension lists
+    themselves differ between the tools and with the config, so they are
+    not consulted.)"""
+    return "." in key.rpartition("/")[2]
+
+
 def user_key_of(stored_key: str) -> str | None:
     """The client key a stored key represents, or None for internal blobs."""
     name = stored_key.rpartition("/")[2]
     if name == REFERENCE_NAME or stored_key.startswith(INTERNAL_PREFIX):
         return None
-    while stored_key.endswith(DELTA_SUFFIX):
+    while (stored_key.endswith(DELTA_SUFFIX)
+           and may_be_stored_as_delta(stored_key[: -len(DELTA_SUFFIX)])):
         stored_key = stored_key[: -len(DELTA_SUFFIX)]
     return stored_key
 
@@ -69,11 +80,16 @@ def listing_frontier(last_stored: str) -> str:
     after every key that continues K with something smaller than ".delta"
     (K-2, K 1, K+x). So once the listing is at S, the keys still open are S
     and those prefixes K of S where the rest of S sorts before a delta
-    suffix: their K.delta is still to come. Every client key below the
-    shortest such prefix is complete. (UTF-8 byte order, S3's order, is code
-    point order, so Python's string comparison is the right one.)"""
+    suffix and K may be a delta at all (L{may_be_stored_as_delta}): their
+    K.delta is still to come. Every client key below the shortest such
+    prefix is complete. (UTF-8 byte order, S3's order, is code point order,
+    so Python's string comparison is the right one.)
+
+    Without the second condition, names like C{app-1.2.3.tar} would keep
+    C{app} open, and every page would read on through all C{app-*} keys."""
     for i in range(1, len(last_stored) + 1):
         rest = last_stored[i:]
-        if rest < DELTA_SUFFIX or rest.startswith(DELTA_SUFFIX):
+        if ((rest < DELTA_SUFFIX or rest.startswith(DELTA_SUFFIX))
+                and may_be_stored_as_delta(last_stored[:i])):
             return last_stored[:i]
     return last_stored

@@ -18,7 +18,7 @@ from hypothesis import example, given, settings, strategies as st
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from dgproxy.engine.keys import listing_frontier
+from dgproxy.engine.keys import listing_frontier, user_key_of
 from dgproxy.engine.store import ObjectStore
 from dgproxy.s3.listing import paginate
 from dgproxy.storage.interface import StoredObject
@@ -121,15 +121,15 @@ def _blobs(*stored: str) -> dict[str, StoredObject]:
     return {k: StoredObject(k, i, T0, None, etag=f"{i:032x}") for i, k in enumerate(stored)}
 
 
-# Client key "a" exists only as a delta, which sorts after a-1, a-2 and a-3.
-LATE_DELTA = _blobs("a-1", "a-2", "a-3", "a.delta")
+# Client key "a.tar" exists only as a delta, which sorts after a.tar-1, a.tar-2 and a.tar-3.
+LATE_DELTA = _blobs("a.tar-1", "a.tar-2", "a.tar-3", "a.tar.delta")
 
 
 class EarlyStopListingTests(unittest.TestCase):
     @settings(max_examples=1000, deadline=None)
     @example(LATE_DELTA, "", None, None, 1, 1)
     @example(LATE_DELTA, "", None, None, 2, None)
-    @example(_blobs("a-/x", "a.delta", "a/y"), "", "/", None, 1, 1)
+    @example(_blobs("a.d-/x", "a.d.delta", "a.d/y"), "", "/", None, 1, 1)
     @given(buckets(), st.sampled_from(["", "a", "a-", "a/", "b"]),
            st.sampled_from([None, "/", "-"]), st.one_of(st.none(), NAMES),
            st.integers(1, 6), st.one_of(st.none(), st.integers(1, 4)))
@@ -142,7 +142,7 @@ class EarlyStopListingTests(unittest.TestCase):
         self.assertEqual(early, full)
 
     def test_walking_all_pages_lists_every_key_once(self):
-        keys = [f"k{i:04d}" + ("-x" if i % 3 else "") for i in range(300)]
+        keys = [f"k{i:04d}.tar" + ("-x" if i % 3 else "") for i in range(300)]
         blobs = {}
         for i, k in enumerate(keys):
             stored = k + ".delta" if i % 2 else k
@@ -162,7 +162,45 @@ class EarlyStopListingTests(unittest.TestCase):
 
     def test_frontier(self):
         self.assertEqual(listing_frontier("z"), "z")
-        self.assertEqual(listing_frontier("app-2.tar"), "app")     # app.delta may follow
-        self.assertEqual(listing_frontier("dir/a b"), "dir/a")
+        self.assertEqual(listing_frontier("app.tar-2"), "app.tar")  # app.tar.delta may follow
+        self.assertEqual(listing_frontier("dir/x.tar b"), "dir/x.tar")
         self.assertEqual(listing_frontier("dir/x.tar.delta"), "dir/x.tar")
         self.assertEqual(listing_frontier("dir/"), "dir/")
+        # A file name without a dot is never stored as a delta, by any tool.
+        self.assertEqual(listing_frontier("app-2.tar"), "app-2.tar")
+        self.assertEqual(listing_frontier("dir/a b"), "dir/a b")
+        self.assertEqual(listing_frontier("v1.2/app-2"), "v1.2/app-2")
+        self.assertEqual(listing_frontier("releases/app-1.2.3.tar"), "releases/app-1.2")
+
+    def test_a_dotless_name_ending_in_delta_is_an_object_of_its_own(self):
+        """Only a name some tool may have stored as a delta loses ".delta"."""
+        self.assertEqual(user_key_of("dir/notes.delta"), "dir/notes.delta")
+        self.assertEqual(user_key_of("dir/app.tar.delta"), "dir/app.tar")
+        blobs = _blobs("dir/notes-1", "dir/notes.delta", "dir/app.tar.delta")
+        objects, _, _, _ = page_of(store_over(PagedBackend(blobs, 1)), "dir/", None, None, 10,
+                                   limited=True)
+        self.assertEqual([k for k, _, _ in objects],
+                         ["dir/app.tar", "dir/notes-1", "dir/notes.delta"])
+
+    def test_versioned_names_are_listed_without_reading_ahead(self):
+        """3,000 release archives app-<n>.tar in one prefix, half stored as
+        deltas: each client page of 100 reads about one backend page of 100
+        more, not the rest of the prefix (app-… keys used to keep app open)."""
+        blobs = {}
+        for i in range(3000):
+            stored = f"releases/app-{i:05d}.tar" + (".delta" if i % 2 else "")
+            blobs[stored] = StoredObject(stored, i, T0, None, etag=f"{i:032x}")
+        backend = PagedBackend(blobs, 100)
+        store = store_over(backend)
+        seen, marker, pages = [], None, 0
+        while True:
+            objects, _, truncated, last = page_of(store, "releases/", None, marker, 100,
+                                                  limited=True)
+            seen += [k for k, _, _ in objects]
+            pages += 1
+            if not truncated:
+                break
+            marker = last
+        self.assertEqual(seen, [f"releases/app-{i:05d}.tar" for i in range(3000)])
+        self.assertEqual(pages, 30)
+        self.assertLessEqual(backend.pages_listed, 3 * pages)
