@@ -26,9 +26,9 @@ from dgproxy.storage.metadata import ObjectMetadata
 
 DEFAULT_MB = 50
 # Bytes an entry takes besides the text it holds: the key tuple, the metadata
-# object and its fields, the dict slot. With these, tracemalloc counted 1,040
-# bytes for a delta's entry estimated at 1,000, and 2,340 for one with eight
-# client metadata pairs estimated at 2,400.
+# object and its fields, the dict slot. With these, an entry for a delta holds
+# 986 bytes of objects (sys.getsizeof, each object once) and is estimated at
+# 985; with eight client metadata pairs, 2,110 and 2,157.
 ENTRY_OVERHEAD = 650
 ITEM_OVERHEAD = 130  # per client metadata pair: two str objects and a dict slot
 
