@@ -182,8 +182,8 @@ def check_key_ids(rings: list[KeyRing], explicit: dict[str, Optional[str]]) -> N
         seen[ring.key_id] = ring
 
 
-def build_backends(config: Config, spool: Spool, metrics: Optional[Metrics] = None,
-                   list_metadata: Optional[MetadataCache] = None):
+def build_backends(config: Config, spool: Spool, metrics: Metrics,
+                   list_metadata: MetadataCache):
     """Every configured backend, checked, behind a router when there are
     several or any bucket is routed; returns (backend, start-up log lines).
     S3 backends report their requests into C{metrics} and keep what their
@@ -191,8 +191,6 @@ def build_backends(config: Config, spool: Spool, metrics: Optional[Metrics] = No
     backends = {}
     lines = []
     rings = []
-    if list_metadata is None:
-        list_metadata = MetadataCache(config.metadata_cache_mb * 1024 * 1024)
     default = config.default_backend_name
     routes = {}
     for bucket, policy in config.buckets.items():
@@ -231,8 +229,7 @@ def build_backends(config: Config, spool: Spool, metrics: Optional[Metrics] = No
                                   read_timeout=config.s3_read_timeout_secs)
             except ValueError as e:
                 raise Fatal(f"S3 backend '{bc.name}': {e}") from None
-            if metrics is not None:
-                client.report = metrics.backend(bc.name)
+            client.report = metrics.backend(bc.name)
             try:
                 listed = probe_blocking(client, timeout=client.connect_timeout)
             except StorageError as e:
